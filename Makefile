@@ -1,0 +1,35 @@
+# lenvm-rl developer commands. Every target creates the virtualenv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 lies on disk on our machines; installing it first keeps pip from
+# pulling a multi-GB CUDA build when the package's `torch>=2.6` is resolved.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-slow style quality bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m lenvm_rl.demo build --output_dir outputs/demo/world
+	HF_HUB_OFFLINE=1 $(PY) -m lenvm_rl.demo measure --world_dir outputs/demo/world --output_dir outputs/demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow
+
+style: install
+	$(PY) -m ruff format lenvm_rl tests recipes benchmarks
+	$(PY) -m ruff check --fix lenvm_rl tests recipes benchmarks
+
+quality: install
+	$(PY) -m ruff format --check lenvm_rl tests recipes benchmarks
+	$(PY) -m ruff check lenvm_rl tests recipes benchmarks

@@ -1,0 +1,15 @@
+"""lenvm-rl: Length Value Models as frozen length critics for RL fine-tuning with TRL."""
+
+__version__ = "0.1.0.dev0"
+
+# Public API (each helper module adds its own line below; keep one import per module).
+from .core import (  # noqa: F401
+    compute_gae,
+    gamma_for_length,
+    length_advantages,
+    length_returns,
+    length_shaping_rewards,
+    length_td_residuals,
+    lengths_to_values,
+    values_to_lengths,
+)

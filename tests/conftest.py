@@ -1,0 +1,81 @@
+"""Tiny tokenizers and causal LMs built offline, shared by the whole test suite.
+
+Nothing here touches a hub: tokenizers are trained-free word-level vocabularies and models are randomly
+initialised Llama- and Qwen2-style configs small enough to run a forward in milliseconds on a CPU.
+"""
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+WORDS = (
+    "the a is of and to in what how many much has have total each more less than if then so answer "
+    "apples pens books coins bags boxes he she they buys sells gives gets left now + - * / = ? . , ####"
+).split()
+NUMBERS = [str(i) for i in range(100)]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tiny_tokenizer(extra_words=()):
+    """A word-level fast tokenizer with a chat template; pad (id 0) differs from eos (id 1)."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *WORDS, *NUMBERS, *extra_words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_causal_lm(arch="llama", vocab_size=None, seed=0, hidden_size=32, num_layers=2, tie=True):
+    """A randomly initialised causal LM (Llama- or Qwen2-style) with a few thousand parameters."""
+    vocab_size = vocab_size or len(make_tiny_tokenizer())
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory, tiny_tokenizer, tiny_arch):
+    """A saved tiny causal LM plus tokenizer, the layout a hub checkpoint has."""
+    path = tmp_path_factory.mktemp(f"tiny-{tiny_arch}")
+    make_tiny_causal_lm(tiny_arch).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
