@@ -155,6 +155,7 @@ def length_returns(
     terminated: torch.Tensor,
     gamma: float,
     bootstrap_values: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> LengthReturns:
     """Per-position LenVM targets of a padded batch of prompt + completion sequences.
 
@@ -184,6 +185,10 @@ def length_returns(
             Discount in ``(0, 1)``.
         bootstrap_values (`torch.Tensor`, *optional*):
             ``(B,)`` values ``V(s_L)`` used as the tail of censored rows; ignored for terminated rows.
+        lengths (`torch.Tensor`, *optional*):
+            ``(B,)`` true completion lengths ``L`` when a training window shows only the first tokens of a
+            completion (``L`` >= the row's mask count). The visible positions keep their exact targets, since
+            ``L`` is known; defaults to the mask count.
 
     Returns:
         [`LengthReturns`]: ``returns`` ``(B, T)`` float64, ``mask`` ``(B, T)`` bool, ``censored`` ``(B,)`` bool.
@@ -200,19 +205,25 @@ def length_returns(
     terminated = terminated.bool().to(completion_mask.device)
     B, T = completion_mask.shape
     columns = torch.arange(T, device=completion_mask.device)
-    lengths = completion_mask.sum(-1)  # (B,)
-    first = torch.where(lengths > 0, (columns * completion_mask).masked_fill(~completion_mask, T).amin(-1), T)  # (B,)
-    _check_contiguous(completion_mask, first, lengths)
-    if bool((first[lengths > 0] == 0).any()):
+    visible = completion_mask.sum(-1)  # (B,)
+    first = torch.where(visible > 0, (columns * completion_mask).masked_fill(~completion_mask, T).amin(-1), T)  # (B,)
+    _check_contiguous(completion_mask, first, visible)
+    if bool((first[visible > 0] == 0).any()):
         raise ValueError("completion_mask starts at column 0: the last prompt token must precede the completion.")
+    if lengths is None:
+        lengths = visible
+    lengths = lengths.to(completion_mask.device)
+    if bool((lengths < visible).any()):
+        raise ValueError("`lengths` must be at least the number of completion tokens in each row of the mask")
 
-    # Column c holds state s_t with t = c - (first - 1); the row's targets span t = 0 .. L.
+    # Column c holds state s_t with t = c - (first - 1); the row's targets span t = 0 .. L (visible part only).
     steps = columns[None, :] - (first[:, None] - 1)  # (B, T)
-    in_span = (steps >= 0) & (steps <= lengths[:, None]) & (lengths[:, None] > 0)
+    in_span = (steps >= 0) & (steps <= visible[:, None]) & (visible[:, None] > 0)
+    in_span &= steps <= lengths[:, None]
     remaining = (lengths[:, None] - steps).clamp(min=0).to(torch.float64)  # (B, T)
     returns = lengths_to_values(remaining, gamma)
 
-    censored = (~terminated) & (lengths > 0)
+    censored = (~terminated) & (visible > 0)
     mask = in_span & ~censored[:, None]
     if bootstrap_values is not None:
         tail = bootstrap_values.to(torch.float64)[:, None] * torch.pow(gamma, remaining)

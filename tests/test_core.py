@@ -446,3 +446,14 @@ def test_length_td_residuals_zero_on_exact_values_and_short_input():
     values = lengths_to_values(torch.arange(20, -1, -1), 0.99)
     torch.testing.assert_close(length_td_residuals(values, 0.99), torch.zeros(20, dtype=torch.float64))
     assert length_td_residuals(torch.tensor([-0.5]), 0.99).shape == (0,)
+
+
+def test_length_returns_windowed_completion_keeps_exact_targets():
+    # A 5-token completion of which the training window shows 2 tokens: targets still use L = 5.
+    g = 0.9
+    out = length_returns(torch.tensor([[0, 1, 1]]).bool(), torch.tensor([True]), g, lengths=torch.tensor([5]))
+    expected = [-(1 - g**5), -(1 - g**4), -(1 - g**3)]
+    torch.testing.assert_close(out.returns[0], torch.tensor(expected, dtype=torch.float64))
+    assert out.mask.tolist() == [[True, True, True]]
+    with pytest.raises(ValueError, match="at least"):
+        length_returns(torch.tensor([[0, 1, 1]]).bool(), torch.tensor([True]), g, lengths=torch.tensor([1]))
