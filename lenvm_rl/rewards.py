@@ -1,0 +1,197 @@
+"""GSM8K rewards with TRL's reward-function signature.
+
+TRL's GRPO/RLOO trainers call every reward function as `func(prompts=..., completions=..., completion_ids=...,
+**dataset_columns)` and log it as `rewards/<func.__name__>/mean`, so the functions below log as
+`rewards/gsm8k_accuracy_reward/mean` and `rewards/gsm8k_format_reward/mean`. Completions arrive as strings
+(standard format) or as lists of chat messages (conversational format); both are accepted.
+
+Everything here is pure Python (`re` only): no torch, no tokenizer.
+"""
+
+import re
+
+__all__ = ["extract_gsm8k_answer", "gsm8k_accuracy_reward", "gsm8k_format_reward"]
+
+# A number as written in prose or LaTeX: an optional sign (not read as a minus when glued to a preceding word,
+# digit or bracket, so "3-5" is 5), an optional `$`/`\$` (the sign may also follow it: "$-5"), digits with
+# optional thousands commas, an optional decimal part. `%`, units and a sentence-ending "." are simply not matched.
+_NUMBER = re.compile(
+    r"(?:(?<![\w)\]}])(?P<sign>[-+\u2212]))?"
+    r"(?:\\?\$(?P<dollar_sign>[-+\u2212])?)?"
+    r"(?P<digits>\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)"
+)
+# Final-answer markers, strongest first. `####` is the GSM8K reference format.
+_HASH_MARKER = re.compile(r"####")
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+_ANSWER_MARKER = re.compile(r"\banswer\s*(?:is\b|[:=])", re.IGNORECASE)
+# The whole last non-blank line of a well-formatted completion (see `gsm8k_format_reward`).
+_FORMAT_LINE = re.compile(r"####[ \t]*-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def _canonical_number(match: re.Match) -> str:
+    """'1,000.50' -> '1000.5', '-018.0' -> '-18', '.5' -> '0.5', '-0' -> '0'."""
+    integer, _, fraction = match["digits"].replace(",", "").partition(".")
+    integer = integer.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    number = f"{integer}.{fraction}" if fraction else integer
+    negative = (match["sign"] or match["dollar_sign"]) in ("-", "\u2212")
+    return f"-{number}" if negative and number != "0" else number
+
+
+def _first_number(text: str) -> str | None:
+    match = _NUMBER.search(text)
+    return _canonical_number(match) if match else None
+
+
+def _rest_of_line(text: str, start: int) -> str:
+    """The text after a marker up to the end of its line; the answer may also start on the next line."""
+    return text[start:].lstrip().split("\n", 1)[0]
+
+
+def _marked_segments(text: str):
+    """Where a final answer may be written, strongest marker first, last occurrence first within a marker."""
+    for match in reversed(list(_HASH_MARKER.finditer(text))):
+        yield _rest_of_line(text, match.end())
+    yield from reversed(_BOXED.findall(text))
+    for match in reversed(list(_ANSWER_MARKER.finditer(text))):
+        yield _rest_of_line(text, match.end())
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    r"""
+    Extract the final numeric answer from a GSM8K solution or a model completion, as a canonical string.
+
+    The answer is looked for in this order; within each rule the last occurrence that holds a number wins:
+
+    1. `#### N`: the first number on the rest of the line after `####` (the GSM8K reference format).
+    2. `\boxed{N}`: the first number inside the braces.
+    3. `The answer is N` / `answer: N` / `answer = N` (case-insensitive): the first number on the rest of the line.
+    4. Otherwise the last number anywhere in the text.
+
+    The number is then normalised: thousands commas (and LaTeX `{,}`) are removed, `$`, `\$`, `%`, units and any
+    trailing words or `.` are ignored, a leading `+` is dropped, leading zeros and trailing decimal zeros are
+    removed (`18.0` and `18.00` become `18`, `.5` becomes `0.5`, `-0` becomes `0`), and a minus sign is kept
+    (`-5`, `$-5`, `-$5`; also the Unicode minus). A `-` glued to a preceding word, digit or bracket is read as a
+    hyphen, not a sign (`3-5` gives `5`). Two canonical strings are equal exactly when the numbers are equal.
+
+    Args:
+        text (`str`):
+            A reference solution, a bare number, or a model completion.
+
+    Returns:
+        `str` or `None`:
+            The canonical answer, for example `"18"`, `"-5"` or `"0.5"`; `None` when the text holds no number.
+
+    Example:
+        >>> from lenvm_rl.rewards import extract_gsm8k_answer
+        >>> extract_gsm8k_answer("She pays 2 * 9 = <<2*9=18>>18 dollars.\n#### 18")
+        '18'
+        >>> extract_gsm8k_answer(r"So the total is \boxed{\$1{,}000.00}.")
+        '1000'
+        >>> extract_gsm8k_answer("The answer is -5 degrees.")
+        '-5'
+        >>> extract_gsm8k_answer("Half of 3 is 1.50")
+        '1.5'
+        >>> extract_gsm8k_answer("I don't know.") is None
+        True
+    """
+    text = text.replace("{,}", ",")
+    for segment in _marked_segments(text):
+        if (number := _first_number(segment)) is not None:
+            return number
+    numbers = list(_NUMBER.finditer(text))
+    return _canonical_number(numbers[-1]) if numbers else None
+
+
+def _completion_text(completion: str | list[dict[str, str]]) -> str:
+    """The text of a standard completion, or the content of the last assistant message of a conversational one."""
+    if isinstance(completion, str):
+        return completion
+    for message in reversed(completion):
+        if message.get("role", "assistant") == "assistant":  # TRL's own examples omit the role
+            return message.get("content") or ""
+    return ""
+
+
+def gsm8k_accuracy_reward(
+    completions: list[str] | list[list[dict[str, str]]], answer: list[str], **kwargs
+) -> list[float]:
+    r"""
+    Reward function that checks whether a completion's final answer equals the GSM8K reference answer.
+
+    Both sides go through [`extract_gsm8k_answer`], so the reference may be a full GSM8K solution ending in
+    `#### N` (the dataset's `answer` column) or a bare number, and `1,000`, `$1000` and `1000.0` all match `1000`.
+
+    Args:
+        completions (`list[str]` or `list[list[dict[str, str]]]`):
+            Completions to score: strings, or lists of chat messages of which the last assistant message is scored.
+        answer (`list[str]`):
+            The dataset's `answer` column, one entry per completion (a GSM8K solution or a bare number).
+        **kwargs:
+            Other arguments passed by trainers like [`GRPOTrainer`] (`prompts`, `completion_ids`, other dataset
+            columns); unused.
+
+    Returns:
+        `list[float]`:
+            1.0 where the extracted answers are equal, 0.0 otherwise (including when the completion has no number).
+
+    Raises:
+        `ValueError`: if a reference answer holds no number, which means the `answer` column is not GSM8K's.
+
+    Example:
+        >>> from lenvm_rl.rewards import gsm8k_accuracy_reward
+        >>> answer = ["Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "1,000"]
+        >>> gsm8k_accuracy_reward(["48 + 24 = 72\n#### 72", "The answer is $1000."], answer)
+        [1.0, 1.0]
+        >>> completions = [
+        ...     [{"role": "assistant", "content": "#### 71"}],
+        ...     [{"role": "assistant", "content": "I am not sure."}],
+        ... ]
+        >>> gsm8k_accuracy_reward(completions, answer)
+        [0.0, 0.0]
+    """
+    rewards = []
+    for i, (completion, reference) in enumerate(zip(completions, answer, strict=True)):
+        gold = extract_gsm8k_answer(str(reference))
+        if gold is None:
+            raise ValueError(
+                f"answer[{i}] holds no number: {reference!r}. The `answer` column must hold a GSM8K solution "
+                "ending in '#### N' or a bare number."
+            )
+        rewards.append(1.0 if extract_gsm8k_answer(_completion_text(completion)) == gold else 0.0)
+    return rewards
+
+
+def gsm8k_format_reward(completions: list[str] | list[list[dict[str, str]]], **kwargs) -> list[float]:
+    r"""
+    Reward function that checks whether a completion ends with its final answer in GSM8K's `#### N` form.
+
+    The rule: `####` occurs exactly once in the completion, and the last non-blank line is `#### N` and nothing
+    else, where `N` is a plain number: an optional `-`, digits with optional thousands commas, an optional
+    decimal part (no `$`, `%`, units or trailing `.`). Spaces around the line and between `####` and `N` are allowed.
+    Every GSM8K reference solution satisfies it.
+
+    Args:
+        completions (`list[str]` or `list[list[dict[str, str]]]`):
+            Completions to score: strings, or lists of chat messages of which the last assistant message is scored.
+        **kwargs:
+            Other arguments passed by trainers like [`GRPOTrainer`]; unused.
+
+    Returns:
+        `list[float]`:
+            1.0 where the completion follows the format, 0.0 otherwise.
+
+    Example:
+        >>> from lenvm_rl.rewards import gsm8k_format_reward
+        >>> gsm8k_format_reward(["6 * 3 = 18\n#### 18", "#### 18 apples", "#### 1\n#### 2", "The answer is 18."])
+        [1.0, 0.0, 0.0, 0.0]
+        >>> gsm8k_format_reward([[{"role": "assistant", "content": "Total: 1,000.\n\n#### 1,000\n"}]])
+        [1.0]
+    """
+    rewards = []
+    for completion in completions:
+        text = _completion_text(completion)
+        lines = text.strip().splitlines()
+        well_formed = text.count("####") == 1 and bool(lines) and _FORMAT_LINE.fullmatch(lines[-1].strip())
+        rewards.append(1.0 if well_formed else 0.0)
+    return rewards
