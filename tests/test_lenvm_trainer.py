@@ -1,0 +1,264 @@
+"""LenVM pretraining: rollout tokenisation, padded and packed batches, LenVMTrainer's loss, gamma, saving."""
+
+import logging
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from datasets import Dataset
+
+from lenvm_rl.modeling import LengthValueModel
+from lenvm_rl.targets import LenVMDataCollator, tokenize_rollouts
+from lenvm_rl.trainers.lenvm import LenVMConfig, LenVMTrainer
+
+EOS, PAD = 1, 0
+
+
+def make_records(num=12, seed=0, truncated_every=0, vocab=(10, 150)):
+    """Rollout records in the sampler's format, with long-tailed lengths and real token ids."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(num):
+        prompt_len = int(torch.randint(3, 9, (1,), generator=g))
+        length = int(torch.clamp(torch.exp(torch.randn(1, generator=g) * 0.8 + 2.0), 1, 40))
+        cut = truncated_every and i % truncated_every == 0
+        completion = torch.randint(*vocab, (length,), generator=g).tolist()
+        if not cut:
+            completion[-1] = EOS
+        records.append(
+            {
+                "prompt_id": i // 2,
+                "prompt_ids": torch.randint(*vocab, (prompt_len,), generator=g).tolist(),
+                "completion_ids": completion,
+                "finish_reason": "length" if cut else "stop",
+            }
+        )
+    return Dataset.from_list(records)
+
+
+def targets_by_hand(example, gamma):
+    """Every (position, target) pair of one example, from the method doc: G_t = -(1 - gamma^(L - t))."""
+    start, L = example["completion_start"], example["completion_length"]
+    n = len(example["input_ids"])
+    return [(start - 1 + t, -(1 - gamma ** (L - t))) for t in range(L + 1) if start - 1 + t < n]
+
+
+@pytest.fixture()
+def lenvm():
+    return LengthValueModel.from_backbone(make_tiny_causal_lm("llama", seed=1), gamma=0.9)
+
+
+def test_tokenize_rollouts_drops_and_counts_truncated(caplog):
+    records = make_records(num=10, truncated_every=3)  # rows 0, 3, 6, 9 were cut at the cap
+    with caplog.at_level(logging.INFO, logger="lenvm_rl.targets"):
+        examples = tokenize_rollouts(records)
+    assert len(examples) == 6
+    assert all(examples["terminated"])
+    assert "4 cut at the sampling cap" in caplog.text
+    kept = tokenize_rollouts(records, include_truncated=True)
+    assert len(kept) == 10 and sum(not t for t in kept["terminated"]) == 4
+
+
+def test_tokenize_rollouts_prompt_truncation_keeps_targets():
+    records = Dataset.from_list(
+        [{"prompt_ids": list(range(10, 30)), "completion_ids": [40, 41, EOS], "finish_reason": "stop"}]
+    )
+    full = tokenize_rollouts(records)[0]
+    cut = tokenize_rollouts(records, max_prompt_length=5)[0]
+    assert cut["input_ids"] == list(range(25, 30)) + [40, 41, EOS]  # the end of the prompt (assistant header) stays
+    assert cut["completion_length"] == full["completion_length"] == 3
+    # The completion window: the first tokens keep exact targets computed from the true length.
+    window = tokenize_rollouts(records, max_prompt_length=5, max_length=7)[0]
+    assert window["input_ids"] == list(range(25, 30)) + [40, 41] and window["completion_length"] == 3
+    batch = LenVMDataCollator(gamma=0.5, pad_token_id=PAD)([window])
+    g = 0.5
+    expected = [0, 0, 0, 0, -(1 - g**3), -(1 - g**2), -(1 - g**1)]
+    torch.testing.assert_close(batch["length_targets"][0], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_tokenize_rollouts_retokenises_text_with_the_lenvm_tokenizer():
+    tokenizer = make_tiny_tokenizer()
+    records = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "how many apples ?"}],
+                "completion": "he has 3 apples . #### 3",
+                "finish_reason": "stop",
+            }
+        ]
+    )
+    example = tokenize_rollouts(records, tokenizer=tokenizer, reuse_token_ids=False)[0]
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "how many apples ?"}], add_generation_prompt=True
+    )["input_ids"]
+    assert example["input_ids"][: len(prompt_ids)] == list(prompt_ids)
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    assert example["completion_length"] == 8  # seven words + EOS
+    with pytest.raises(ValueError, match="tokenizer"):
+        tokenize_rollouts(records, reuse_token_ids=False)
+
+
+def test_tokenize_rollouts_nothing_left_is_a_clear_error():
+    with pytest.raises(ValueError, match="include_truncated"):
+        tokenize_rollouts(make_records(num=3, truncated_every=1))
+
+
+def test_collator_targets_match_the_method_doc():
+    examples = tokenize_rollouts(make_records(num=5))
+    batch = LenVMDataCollator(gamma=0.9, pad_token_id=PAD)(list(examples))
+    for i, example in enumerate(examples):
+        pairs = targets_by_hand(example, 0.9)
+        assert batch["target_mask"][i].sum() == len(pairs)
+        for position, target in pairs:
+            assert batch["target_mask"][i, position]
+            assert math.isclose(float(batch["length_targets"][i, position]), target, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_loss_is_token_average_over_the_batch(lenvm):
+    gamma = 0.9
+    examples = list(tokenize_rollouts(make_records(num=6)))
+    assert len({e["completion_length"] for e in examples}) > 2  # sequences of different lengths
+    batch = LenVMDataCollator(gamma=gamma, pad_token_id=PAD)(examples)
+    trainer = LenVMTrainer(lenvm, args=tiny_args(), train_dataset=Dataset.from_list(examples))
+    loss = trainer.compute_loss(lenvm, batch, num_items_in_batch=batch["target_mask"].sum())
+
+    squared, count = 0.0, 0
+    for i, example in enumerate(examples):
+        ids = torch.tensor([example["input_ids"]])
+        values = lenvm(input_ids=ids).values[0].double().detach()
+        for position, target in targets_by_hand(example, gamma):
+            squared += (float(values[position]) - target) ** 2
+            count += 1
+    assert math.isclose(float(loss), squared / count, rel_tol=1e-5)
+    per_sequence_mean = sum(  # what a per-sequence average would give: must differ on this batch
+        sum((float(lenvm(input_ids=torch.tensor([e["input_ids"]])).values[0, p]) - t) ** 2 for p, t in pairs)
+        / len(pairs)
+        for e in examples
+        for pairs in [targets_by_hand(e, gamma)]
+    ) / len(examples)
+    assert not math.isclose(per_sequence_mean, squared / count, rel_tol=1e-3)
+
+
+def test_packed_batches_equal_padded_batches(lenvm):
+    examples = list(tokenize_rollouts(make_records(num=6, truncated_every=4), include_truncated=True))
+    padded = LenVMDataCollator(gamma=0.9, pad_token_id=PAD)(examples)
+    packed = LenVMDataCollator(gamma=0.9, pad_token_id=PAD, padding_free=True)(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    assert "attention_mask" not in packed and "bootstrap_index" in packed
+    trainer = LenVMTrainer(lenvm, args=tiny_args(), train_dataset=Dataset.from_list(examples))
+
+    def loss_and_grads(batch):
+        lenvm.zero_grad()
+        loss = trainer.compute_loss(lenvm, batch, num_items_in_batch=batch["target_mask"].sum())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lenvm.parameters()]
+
+    loss_padded, grads_padded = loss_and_grads(padded)
+    loss_packed, grads_packed = loss_and_grads(packed)
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_packed, grads_padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_censored_rows_bootstrap_from_the_detached_value(lenvm):
+    gamma = 0.9
+    examples = list(tokenize_rollouts(make_records(num=4, truncated_every=2), include_truncated=True))
+    censored = [e for e in examples if not e["terminated"]][0]
+    batch = LenVMDataCollator(gamma=gamma, pad_token_id=PAD)([censored])
+    trainer = LenVMTrainer(lenvm, args=tiny_args(), train_dataset=Dataset.from_list(examples))
+    loss = trainer.compute_loss(lenvm, batch, num_items_in_batch=batch["target_mask"].sum())
+    values = lenvm(input_ids=torch.tensor([censored["input_ids"]])).values[0].double()
+    start, L = censored["completion_start"], censored["completion_length"]
+    tail = float(values[-1])  # V(s_L): the state after the last sampled token
+    errors = [
+        (float(values[start - 1 + t]) - (-(1 - gamma ** (L - t)) + gamma ** (L - t) * tail)) ** 2 for t in range(L + 1)
+    ]
+    assert math.isclose(float(loss), sum(errors) / len(errors), rel_tol=1e-5)
+
+
+def tiny_args(tmp_path="unused", **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=1e9,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return LenVMConfig(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_gradient_accumulation_1_vs_4_gives_the_same_step(tmp_path, padding_free):
+    records = make_records(num=8)
+
+    def one_step(batch_size, accumulation):
+        model = LengthValueModel.from_backbone(make_tiny_causal_lm("qwen2", seed=3), gamma=0.9)
+        args = tiny_args(
+            tmp_path,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            padding_free=padding_free,
+        )
+        LenVMTrainer(model, args=args, train_dataset=records).train()
+        return [p.detach().clone() for p in model.parameters()]
+
+    before = [
+        p.detach().clone()
+        for p in LengthValueModel.from_backbone(make_tiny_causal_lm("qwen2", seed=3), 0.9).parameters()
+    ]
+    full, accumulated = one_step(4, 1), one_step(1, 4)
+    assert any(not torch.equal(a, b) for a, b in zip(full, before))
+    for a, b in zip(full, accumulated):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_percentile_rule_is_logged_and_stored(tmp_path, caplog):
+    records = make_records(num=20)
+    lengths = sorted(len(r) for r in records["completion_ids"])
+    with caplog.at_level(logging.WARNING):
+        trainer = LenVMTrainer(str(_saved_backbone(tmp_path)), args=tiny_args(tmp_path), train_dataset=records)
+    quantile = float(torch.quantile(torch.tensor(lengths, dtype=torch.float64), 0.99))
+    assert math.isclose(trainer.model.gamma, 0.01 ** (1 / quantile), rel_tol=1e-9)
+    assert "percentile" in caplog.text
+
+
+def test_mismatched_gamma_is_a_clear_error(lenvm):
+    with pytest.raises(ValueError, match="gamma"):
+        LenVMTrainer(lenvm, args=tiny_args(gamma=0.99), train_dataset=make_records())
+    with pytest.raises(ValueError, match="gamma"):
+        LenVMConfig(output_dir="x", gamma=1.0)
+
+
+def test_train_save_and_reload(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    records = make_records(num=16)
+    args = tiny_args(tmp_path, num_train_epochs=2, learning_rate=1e-3, optim="adamw_torch", gamma=0.9)
+    trainer = LenVMTrainer(
+        str(_saved_backbone(tmp_path)), args=args, train_dataset=records, processing_class=tokenizer
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train()
+    assert result.training_loss > 0 and math.isfinite(result.training_loss)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    trainer.save_model(str(tmp_path / "lenvm"))
+    reloaded = LengthValueModel.from_pretrained(tmp_path / "lenvm")
+    assert reloaded.gamma == 0.9
+    ids = torch.tensor([records[0]["prompt_ids"] + records[0]["completion_ids"]])
+    torch.testing.assert_close(reloaded(input_ids=ids).values, trainer.model.eval()(input_ids=ids).values)
+
+
+def _saved_backbone(tmp_path):
+    path = tmp_path / "backbone"
+    if not path.exists():
+        make_tiny_causal_lm("llama", seed=2).save_pretrained(path)
+        make_tiny_tokenizer().save_pretrained(path)
+    return path
