@@ -14,4 +14,5 @@ from .core import (  # noqa: F401
     values_to_lengths,
 )
 from .data import DEFAULT_INSTRUCTION, load_gsm8k, make_conversational_prompt, prepare_prompt_dataset  # noqa: F401
+from .modeling import LengthValueModel, LengthValueModelOutput, check_tokenizers_compatible, freeze_model  # noqa: F401
 from .rewards import extract_gsm8k_answer, gsm8k_accuracy_reward, gsm8k_format_reward  # noqa: F401

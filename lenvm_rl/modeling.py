@@ -1,0 +1,647 @@
+"""The Length Value Model: a causal-LM backbone with a scalar value head, loaded and saved in both formats.
+
+A LenVM reads the final (post-norm) hidden state ``h_t`` of a decoder-only language model at every position
+and maps it to the value of the prefix ending there (paper section 2):
+
+    z_t = W2 SiLU(W1 h_t + b1) + b2          W1: (H, H), W2: (1, H), both with bias
+    V(s_t) = -sigmoid(z_t)                   in (-1, 0)
+
+``V(s_t) = -(1 - gamma^l)`` for ``l`` remaining tokens (EOS included), so a value converts to a length with
+[`~lenvm_rl.core.values_to_lengths`].
+
+Checkpoint layout. The reference implementation stores a LenVM as a plain Hugging Face causal-LM directory
+(``config.json`` unchanged, backbone ``*.safetensors``, tokenizer files) plus ``value_head.safetensors`` with
+exactly the keys ``v_head.fc.weight`` ``[H, H]``, ``v_head.fc.bias`` ``[H]``, ``v_head.summary.weight``
+``[1, H]`` and ``v_head.summary.bias`` ``[1]``; it does not store gamma. [`LengthValueModel.save_pretrained`]
+writes exactly that layout, so the reference loaders read our checkpoints, and adds ``lenvm_config.json``
+(format version, gamma, generator model, data description), which is what makes gamma travel with the
+weights.
+
+Why an ``nn.Module`` and not a ``PreTrainedModel`` subclass: ``PreTrainedModel`` ties a model class to one
+config class and one weight file layout, while a LenVM wraps *any* causal-LM backbone (its ``config`` is the
+backbone's, e.g. a ``Qwen2Config``) and splits its weights across the backbone files and
+``value_head.safetensors``. Subclassing would mean a synthetic config class and overriding loading and saving
+anyway, so the model is a plain module that exposes what trainers use: ``.config`` (the backbone config, with
+``hidden_size``), ``from_pretrained`` / ``save_pretrained`` and activation (gradient) checkpointing.
+"""
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import ModelOutput
+
+from .core import values_to_lengths
+
+__all__ = [
+    "LENVM_CONFIG_NAME",
+    "LENVM_FORMAT_VERSION",
+    "VALUE_HEAD_NAME",
+    "LengthValueModel",
+    "LengthValueModelOutput",
+    "check_tokenizers_compatible",
+    "freeze_model",
+]
+
+VALUE_HEAD_NAME = "value_head.safetensors"
+LENVM_CONFIG_NAME = "lenvm_config.json"
+LENVM_FORMAT_VERSION = 1
+
+
+@dataclass
+class LengthValueModelOutput(ModelOutput):
+    """Output of [`LengthValueModel.forward`].
+
+    Args:
+        values (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
+            ``V(s_t) = -sigmoid(z_t)`` in ``(-1, 0)``, float32 whatever the backbone dtype. Entries at padding
+            positions are meaningless and must be masked by the caller.
+        value_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
+            The head output ``z_t`` before the sigmoid, float32.
+        past_key_values (`transformers.Cache`, *optional*):
+            The backbone's key/value cache, returned when the forward is called with ``use_cache=True``.
+    """
+
+    values: torch.FloatTensor | None = None
+    value_logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+
+
+class ValueHead(nn.Module):
+    """Two-layer SiLU MLP ``z = summary(SiLU(fc(h)))``, always evaluated in float32.
+
+    The attribute names give the state-dict keys of the reference format (``v_head.fc.weight``, ...). The
+    weights are cast to float32 inside the forward and autocast is disabled, so the head stays float32 even
+    when a wrapper (DeepSpeed bf16, ``model.to(torch.bfloat16)``, ``torch.autocast``) lowers its parameters.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, hidden_size, dtype=torch.float32)
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            hidden_states = hidden_states.to(device=self.fc.weight.device, dtype=torch.float32)
+            hidden_states = F.silu(F.linear(hidden_states, self.fc.weight.float(), self.fc.bias.float()))
+            return F.linear(hidden_states, self.summary.weight.float(), self.summary.bias.float()).squeeze(-1)
+
+
+class LengthValueModel(nn.Module):
+    """A Length Value Model: causal-LM backbone (without its LM head) plus a float32 value head.
+
+    Build one with [`~LengthValueModel.from_pretrained`] (a saved LenVM, ours or the reference format) or
+    [`~LengthValueModel.from_backbone`] (a fresh head on a causal LM, e.g. the policy).
+
+    Args:
+        backbone (`transformers.PreTrainedModel`):
+            A decoder without LM head, as returned by ``AutoModel`` for a causal-LM config (e.g. ``Qwen2Model``).
+        gamma (`float`):
+            Discount the LenVM is (or will be) trained with, in ``(0, 1)``; needed to turn values into lengths.
+        generator_model (`str`, *optional*):
+            Name of the policy whose completions the LenVM learns to predict (values are policy-dependent).
+        data_description (`str`, *optional*):
+            Free text describing the prompts the LenVM was trained on.
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        gamma: float,
+        generator_model: str | None = None,
+        data_description: str | None = None,
+    ):
+        super().__init__()
+        _check_causal_lm_config(backbone.config, source=type(backbone).__name__)
+        self.backbone = backbone
+        self.config = backbone.config
+        self.gamma = _check_gamma(gamma)
+        self.generator_model = generator_model
+        self.data_description = data_description
+        self.v_head = ValueHead(self.config.hidden_size).to(backbone.device)
+        # A near-zero summary layer starts every value at -sigmoid(0) = -0.5 (about log(2)/(1-gamma) tokens)
+        # instead of a random per-token guess; fc keeps PyTorch's default init so gradients still reach it.
+        nn.init.normal_(self.v_head.summary.weight, std=0.1 / math.sqrt(self.config.hidden_size))
+        nn.init.zeros_(self.v_head.summary.bias)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls,
+        model_or_path: PreTrainedModel | str | os.PathLike,
+        gamma: float,
+        generator_model: str | None = None,
+        data_description: str | None = None,
+        **kwargs,
+    ) -> "LengthValueModel":
+        """Initialise a LenVM from a causal LM with a fresh value head (initial values near -0.5).
+
+        Args:
+            model_or_path (`transformers.PreTrainedModel`, `str` or `os.PathLike`):
+                A causal LM instance (for example the policy; its decoder is deep-copied, so training the LenVM
+                never touches it) or a local directory holding one.
+            gamma (`float`):
+                Discount in ``(0, 1)``; see [`~lenvm_rl.core.gamma_for_length`].
+            generator_model (`str`, *optional*):
+                Name of the policy that will generate the training completions.
+            data_description (`str`, *optional*):
+                Free text describing the training prompts.
+            **kwargs:
+                Passed to ``AutoModel.from_pretrained`` when ``model_or_path`` is a path (``dtype``,
+                ``attn_implementation``, ...).
+
+        Returns:
+            [`LengthValueModel`]: in training mode, all parameters trainable.
+        """
+        _check_gamma(gamma)
+        if isinstance(model_or_path, PreTrainedModel):
+            _check_causal_lm_config(model_or_path.config, source=type(model_or_path).__name__)
+            backbone = copy.deepcopy(model_or_path.base_model)
+        else:
+            backbone = _load_backbone(_check_local_dir(model_or_path), **kwargs)
+        return cls(backbone, gamma, generator_model, data_description).train()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, gamma: float | None = None, **kwargs
+    ) -> "LengthValueModel":
+        """Load a LenVM saved by [`~LengthValueModel.save_pretrained`] or by the reference implementation.
+
+        The directory is a causal-LM checkpoint plus ``value_head.safetensors``; ``lenvm_config.json`` is
+        optional (the reference format has none). Tied-embedding checkpoints saved with only
+        ``lm_head.weight`` get their input embeddings filled from it.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                Local checkpoint directory.
+            gamma (`float`, *optional*):
+                Discount the LenVM was trained with. Required for reference checkpoints, which do not store it
+                (the paper's released LenVMs use 0.997). If the checkpoint stores gamma, passing a different
+                value is an error: a wrong gamma silently rescales every predicted length.
+            **kwargs:
+                Passed to ``AutoModel.from_pretrained`` for the backbone (``dtype``, ``attn_implementation``,
+                ``device_map``, ...). The value head is always float32.
+
+        Returns:
+            [`LengthValueModel`]: in eval mode (like ``transformers``' ``from_pretrained``).
+        """
+        path = _check_local_dir(pretrained_model_name_or_path)
+        config = AutoConfig.from_pretrained(path)
+        _check_causal_lm_config(config, source=str(path))
+        head_state = _read_value_head(path, config.hidden_size)
+        metadata = _read_lenvm_config(path)
+        gamma = _resolve_gamma(gamma, metadata.get("gamma"), path)
+        model = cls(
+            _load_backbone(path, **kwargs),
+            gamma,
+            generator_model=metadata.get("generator_model"),
+            data_description=metadata.get("data_description"),
+        )
+        with torch.no_grad():
+            for name, param in model.v_head.named_parameters():
+                param.copy_(head_state[f"v_head.{name}"])
+        return model.eval()
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> None:
+        """Save in the reference layout plus ``lenvm_config.json``, atomically.
+
+        Written files: the backbone as a causal-LM checkpoint (``config.json`` naming the causal-LM class,
+        weights under the causal-LM key names, sharded as ``transformers`` does; no ``lm_head.weight`` for
+        untied models, since a LenVM never uses it and the reference loaders only warn about it),
+        ``value_head.safetensors`` with the four reference keys in float32, ``lenvm_config.json`` and, if
+        given, the tokenizer. With LoRA applied ([`~LengthValueModel.apply_lora`]) the adapters are merged
+        into the saved weights (the live model keeps its adapters), so the result is a plain checkpoint
+        every loader reads.
+
+        Everything is written into a temporary directory next to ``save_directory`` and then moved in with
+        ``os.replace``, so an interrupted save never leaves a half-written checkpoint. Files already in
+        ``save_directory`` that the checkpoint does not produce (trainer logs, ``checkpoint-*`` folders) are
+        kept; stale weight shards of an earlier save are removed.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                Target directory, created if needed.
+            tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*):
+                Saved alongside, as hub checkpoints ship it.
+            **kwargs:
+                Passed to the backbone's ``save_pretrained`` (e.g. ``max_shard_size``).
+        """
+        target = Path(save_directory).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self._write_checkpoint(staging, tokenizer, **kwargs)
+            _publish_directory(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_checkpoint(self, directory: Path, tokenizer, **kwargs) -> None:
+        # A weightless causal-LM shell gives the reference layout through transformers' own writer: the
+        # causal-LM class in config.json, its key names, tied-weight dedup, weight-conversion reversal, sharding.
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(
+                copy.deepcopy(self.config), dtype=_unwrap_peft(self.backbone).dtype
+            )
+        state_dict = {f"{shell.base_model_prefix}.{key}": value for key, value in self._backbone_state_dict().items()}
+        shell.save_pretrained(directory, state_dict=state_dict, **kwargs)
+        head_state = {
+            f"v_head.{name}": param.detach().float().cpu().contiguous()
+            for name, param in self.v_head.named_parameters()
+        }
+        save_file(head_state, directory / VALUE_HEAD_NAME, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        metadata = {
+            "format_version": LENVM_FORMAT_VERSION,
+            "gamma": self.gamma,
+            "generator_model": self.generator_model,
+            "data_description": self.data_description,
+        }
+        (directory / LENVM_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+
+    @torch.no_grad()
+    def _backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Backbone weights under plain key names, with LoRA deltas merged in (the live model is untouched)."""
+        backbone = _unwrap_peft(self.backbone)
+        state_dict = backbone.state_dict()
+        if backbone is self.backbone:
+            return state_dict
+        merged = {
+            key.replace(".base_layer.", "."): value
+            for key, value in state_dict.items()
+            if not any(part.startswith("lora_") for part in key.split("."))
+        }
+        for name, module in backbone.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                delta = sum(
+                    module.get_delta_weight(adapter).float()
+                    for adapter in module.active_adapters
+                    if adapter not in module.merged_adapters
+                )
+                merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+        return merged
+
+    # ------------------------------------------------------------------ forward and predictions
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> LengthValueModelOutput:
+        """Values of every prefix of ``input_ids``.
+
+        When ``position_ids`` is None and an ``attention_mask`` is given, positions count real tokens only,
+        ``position_ids = max(cumsum(attention_mask) - 1, 0)``, so a sequence gets the same values whether it is
+        left- or right-padded or batched with others (Llama/Qwen2 backbones do not derive positions from the
+        mask themselves). With a key/value cache the mask covers past and new tokens, as in ``transformers``.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Explicit positions; override the padding-aware default.
+            **kwargs:
+                Passed to the backbone (``past_key_values``, ``use_cache`` (default False), ...).
+
+        Returns:
+            [`LengthValueModelOutput`]: ``values`` and ``value_logits`` of shape `(batch_size, sequence_length)`,
+            float32.
+        """
+        if position_ids is None and attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+            position_ids = positions[:, -input_ids.shape[1] :]  # (B, T)
+        kwargs.setdefault("use_cache", False)
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        value_logits = self.v_head(outputs.last_hidden_state)  # (B, T) float32
+        return LengthValueModelOutput(
+            values=-torch.sigmoid(value_logits),  # (B, T)
+            value_logits=value_logits,
+            past_key_values=outputs.past_key_values if kwargs["use_cache"] else None,
+        )
+
+    @torch.no_grad()
+    def predict_remaining_lengths(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predicted remaining tokens (EOS included) after every prefix: ``l_t = log(1 + V_t) / log(gamma)``.
+
+        A length from a predicted mean value underestimates the mean remaining length (Jensen; paper
+        section 1). Runs without gradients.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (either side).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, sequence_length)`: lengths in tokens, float32; entries at
+            padding positions are meaningless.
+        """
+        values = self(input_ids, attention_mask=attention_mask).values  # (B, T)
+        return values_to_lengths(values, self.gamma)
+
+    @torch.no_grad()
+    def predict_prompt_lengths(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Predicted completion length of each prompt, read at its last token ``s_0`` (paper section 5).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt token ids, left- or right-padded.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
+                1 for real tokens, 0 for padding.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size,)`: predicted number of completion tokens, EOS included.
+        """
+        lengths = self.predict_remaining_lengths(input_ids, attention_mask)  # (B, T)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        last = (attention_mask.long() * positions).argmax(dim=-1, keepdim=True)  # (B, 1) last real token
+        return lengths.gather(1, last).squeeze(1)  # (B,)
+
+    # ------------------------------------------------------------------ training helpers
+    def apply_lora(self, peft_config: LoraConfig) -> "LengthValueModel":
+        """Wrap the backbone with LoRA adapters; the value head stays fully trainable.
+
+        Only the adapters and the head train; base weights are frozen. [`~LengthValueModel.save_pretrained`]
+        saves merged weights, so a LoRA-trained LenVM reloads as a plain one in either format.
+
+        Args:
+            peft_config (`peft.LoraConfig`):
+                LoRA settings. ``task_type`` is ignored (the backbone has no LM head); DoRA and
+                ``modules_to_save`` are not supported because the save path merges plain LoRA deltas.
+
+        Returns:
+            [`LengthValueModel`]: ``self``, for chaining.
+        """
+        if not isinstance(peft_config, LoraConfig) or peft_config.use_dora or peft_config.modules_to_save:
+            raise ValueError(
+                "apply_lora supports a plain peft.LoraConfig (no use_dora, no modules_to_save: the value head is "
+                f"already trainable); got {peft_config!r}."
+            )
+        peft_config = copy.copy(peft_config)
+        peft_config.task_type = None
+        self.backbone = get_peft_model(self.backbone, peft_config)
+        return self
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Enable activation (gradient) checkpointing in the backbone; arguments as in ``transformers``.
+
+        ``transformers`` defaults to ``use_reentrant=False``, which also works with frozen embeddings (LoRA).
+        """
+        _unwrap_peft(self.backbone).activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Disable activation (gradient) checkpointing in the backbone."""
+        _unwrap_peft(self.backbone).activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Alias of [`~LengthValueModel.activation_checkpointing_enable`] (the name older callers use)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Alias of [`~LengthValueModel.activation_checkpointing_disable`]."""
+        self.activation_checkpointing_disable()
+
+
+def freeze_model(model: nn.Module) -> nn.Module:
+    """Freeze a model for use as a fixed critic: no parameter takes gradients and it is in eval mode.
+
+    This is the single freezing path of the package (the frozen LenVM of the RL trainers, reference models).
+    A later ``.train()`` call on the model itself undoes the eval mode, so keep frozen models out of modules
+    that a trainer switches to training mode.
+
+    Args:
+        model (`torch.nn.Module`):
+            Model to freeze, in place.
+
+    Returns:
+        `torch.nn.Module`: the same ``model``.
+    """
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
+    """Raise if a LenVM cannot read the policy's token ids.
+
+    The LenVM consumes the policy's ids directly, so both tokenizers must map every token to the same id and
+    agree on the EOS (which ends an episode) and padding ids.
+
+    Args:
+        policy_tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Tokenizer of the policy being trained.
+        lenvm_tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Tokenizer saved with the LenVM.
+
+    Raises:
+        `ValueError`: listing the vocabulary size, a few differing token-to-id mappings and the special ids
+        that differ.
+    """
+    problems = []
+    if len(policy_tokenizer) != len(lenvm_tokenizer):
+        problems.append(f"vocabulary size {len(policy_tokenizer)} (policy) vs {len(lenvm_tokenizer)} (LenVM)")
+    policy_vocab, lenvm_vocab = policy_tokenizer.get_vocab(), lenvm_tokenizer.get_vocab()
+    differing = sorted(
+        token
+        for token in policy_vocab.keys() | lenvm_vocab.keys()
+        if policy_vocab.get(token) != lenvm_vocab.get(token)
+    )
+    if differing:
+        examples = ", ".join(
+            f"{token!r}: {policy_vocab.get(token)} vs {lenvm_vocab.get(token)}" for token in differing[:5]
+        )
+        problems.append(f"{len(differing)} token->id mappings differ (policy vs LenVM), e.g. {examples}")
+    for name in ("eos_token_id", "pad_token_id"):
+        policy_id, lenvm_id = getattr(policy_tokenizer, name), getattr(lenvm_tokenizer, name)
+        if policy_id != lenvm_id:
+            problems.append(f"{name} {policy_id} (policy) vs {lenvm_id} (LenVM)")
+    if problems:
+        raise ValueError(
+            "The policy and LenVM tokenizers are incompatible: "
+            + "; ".join(problems)
+            + ". The LenVM reads the policy's token ids, so use a LenVM trained with the policy's tokenizer "
+            "(or pretrain one from the policy with LengthValueModel.from_backbone)."
+        )
+
+
+# ---------------------------------------------------------------------- loading helpers
+def _check_gamma(gamma: float) -> float:
+    if not 0.0 < float(gamma) < 1.0:
+        raise ValueError(
+            f"gamma must be in (0, 1), got {gamma}. Pass the discount the LenVM was trained with "
+            "(the paper's released LenVMs use 0.997)."
+        )
+    return float(gamma)
+
+
+def _resolve_gamma(passed: float | None, stored: float | None, path: Path) -> float:
+    if passed is None and stored is None:
+        raise ValueError(
+            f"{path} does not store gamma (a reference-format LenVM has no {LENVM_CONFIG_NAME}): pass the gamma "
+            "it was trained with, e.g. LengthValueModel.from_pretrained(path, gamma=0.997) for the paper's "
+            "released models."
+        )
+    if passed is not None and stored is not None and not math.isclose(passed, stored, rel_tol=0.0, abs_tol=1e-7):
+        raise ValueError(
+            f"gamma={passed} was passed but {path / LENVM_CONFIG_NAME} says the LenVM was trained with "
+            f"gamma={stored}; a wrong gamma silently rescales every predicted length. Drop the gamma argument."
+        )
+    return _check_gamma(stored if passed is None else passed)
+
+
+def _check_local_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(
+            f"{path} is not a local directory. LengthValueModel loads local checkpoints only; download hub "
+            "checkpoints first (e.g. `hf download <repo> --local-dir <dir>`)."
+        )
+    return path
+
+
+def _check_causal_lm_config(config, source: str) -> None:
+    """Accept decoder-only causal LMs; reject encoders (BERT family) and encoder-decoders (T5 family).
+
+    ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` also lists encoder families usable as decoders (``bert`` ->
+    ``BertLMHeadModel``); in ``transformers`` 5 only those configs define ``is_decoder``, False by default.
+    """
+    is_causal = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and not config.is_encoder_decoder
+        and getattr(config, "is_decoder", True)
+    )
+    if not is_causal:
+        raise ValueError(
+            f"{source}: model_type {config.model_type!r} (architectures {config.architectures}) is not a "
+            "decoder-only causal LM. A LenVM backbone must load with AutoModelForCausalLM (e.g. Qwen2, Llama); "
+            "pick a causal-LM checkpoint."
+        )
+
+
+def _read_lenvm_config(path: Path) -> dict:
+    file = path / LENVM_CONFIG_NAME
+    if not file.is_file():
+        return {}
+    metadata = json.loads(file.read_text())
+    if metadata.get("format_version", 0) > LENVM_FORMAT_VERSION:
+        raise ValueError(
+            f"{file} has format_version {metadata['format_version']}, newer than this lenvm-rl understands "
+            f"({LENVM_FORMAT_VERSION}); upgrade lenvm-rl."
+        )
+    return metadata
+
+
+def _read_value_head(path: Path, hidden_size: int) -> dict[str, torch.Tensor]:
+    """Read and validate ``value_head.safetensors``; every problem names the key and the expected shape."""
+    file = path / VALUE_HEAD_NAME
+    expected = {
+        "v_head.fc.weight": [hidden_size, hidden_size],
+        "v_head.fc.bias": [hidden_size],
+        "v_head.summary.weight": [1, hidden_size],
+        "v_head.summary.bias": [1],
+    }
+    layout = ", ".join(f"{key} {shape}" for key, shape in expected.items())
+    if not file.is_file():
+        raise ValueError(
+            f"{path} has no {VALUE_HEAD_NAME}, so it is a plain language model, not a LenVM. To start a new "
+            f"LenVM from it use LengthValueModel.from_backbone(path, gamma=...); a saved LenVM holds {layout}."
+        )
+    with safe_open(file, framework="pt") as handle:
+        shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    problems = [
+        f"missing key {key!r} (expected shape {shape})" for key, shape in expected.items() if key not in shapes
+    ]
+    problems += [f"unexpected key {key!r}" for key in shapes if key not in expected]
+    problems += [
+        f"key {key!r} has shape {shapes[key]}, expected {shape}"
+        for key, shape in expected.items()
+        if key in shapes and shapes[key] != shape
+    ]
+    if problems:
+        raise ValueError(
+            f"{file}: {'; '.join(problems)}. A LenVM value head holds exactly {layout} "
+            f"(H = hidden_size = {hidden_size} of the backbone); re-export the head with these keys and shapes."
+        )
+    return load_file(file)
+
+
+def _load_backbone(path: Path, **kwargs) -> PreTrainedModel:
+    """``AutoModel.from_pretrained`` plus the tied-embedding fix and a strict check for missing weights."""
+    config = AutoConfig.from_pretrained(path)
+    _check_causal_lm_config(config, source=str(path))
+    backbone, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = set(info["missing_keys"])
+    embeddings = backbone.get_input_embeddings()
+    embedding_key = next(name for name, param in backbone.named_parameters() if param is embeddings.weight)
+    if embedding_key in missing and config.tie_word_embeddings:
+        # Tied checkpoints may store the shared matrix only under the LM head's name.
+        with torch.no_grad():
+            embeddings.weight.copy_(_read_checkpoint_tensor(path, "lm_head.weight"))
+        missing.discard(embedding_key)
+    if missing:
+        raise ValueError(
+            f"The backbone checkpoint in {path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}; they "
+            "would be randomly initialised. Re-save the checkpoint from the complete model."
+        )
+    return backbone
+
+
+def _read_checkpoint_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a (possibly sharded) safetensors checkpoint."""
+    index = path / "model.safetensors.index.json"
+    filename = json.loads(index.read_text())["weight_map"].get(key) if index.is_file() else "model.safetensors"
+    if filename is not None and (path / filename).is_file():
+        with safe_open(path / filename, framework="pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key)
+    raise ValueError(
+        f"{path} ties its word embeddings but stores neither the input embeddings nor {key!r} in safetensors; "
+        "re-save the checkpoint from the complete model."
+    )
+
+
+def _unwrap_peft(backbone: nn.Module) -> PreTrainedModel:
+    """The ``transformers`` model under an optional peft wrapper (LoRA layers stay injected)."""
+    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+
+
+def _publish_directory(staging: Path, target: Path) -> None:
+    """Make ``staging`` become ``target`` with renames only, keeping ``target``'s unrelated entries.
+
+    Foreign entries move from ``target`` into ``staging`` first (the old checkpoint stays loadable meanwhile);
+    then two renames swap the directories. A crash at any point leaves either the complete old or the complete
+    new checkpoint in place (or, between the two renames, both next to it), never a mixture.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    for entry in target.iterdir():
+        is_weights = entry.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+        if not is_weights and not (staging / entry.name).exists():
+            os.replace(entry, staging / entry.name)
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, retired / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
