@@ -124,10 +124,12 @@ class LenVMDataCollator:
     """Pads (or packs) LenVM examples and attaches their dense targets.
 
     Padded batches (``padding_free=False``) are right-padded ``(B, T)`` with an attention mask. Packed batches
-    (``padding_free=True``) concatenate the sequences into one row ``(1, N)`` with ``position_ids`` restarting at
-    0 for every sequence and no attention mask: transformers then restricts attention to each sequence
-    (``find_packed_sequence_indices``), so a packed batch gives the same values, loss and gradients as the padded
-    one without computing on padding.
+    (``padding_free=True``) place the sequences end to end into ``R`` rows of the longest sequence's length
+    (first-fit decreasing), with ``position_ids`` restarting at 0 for every sequence and no attention mask:
+    transformers then restricts attention to each sequence (``find_packed_sequence_indices``), so a packed batch
+    gives the same values, loss and gradients as the padded one. Rows as long as the longest sequence, rather than
+    one row of all ``N`` tokens, keep the attention cost at ``R * T^2`` instead of ``N^2``; the rows' leftover
+    slots hold padding that forms its own sequence and carries no target.
 
     Output keys: ``input_ids``, ``attention_mask`` or ``position_ids``, ``length_targets`` (float64 ``G``),
     ``target_mask`` (bool), and for censored rows with bootstrapped targets ``bootstrap_discounts``
@@ -170,18 +172,56 @@ class LenVMDataCollator:
         returns = targets.returns.masked_fill(~target_mask, 0.0)
         discounts = (with_tail.returns - targets.returns).masked_fill(~target_mask, 0.0)  # (B, T)
         row_lengths = attention_mask.sum(-1)  # (B,)
-        if self.padding_free:
-            row_starts = torch.cumsum(row_lengths, 0) - row_lengths  # where each row starts in the packed row
-        else:
-            row_starts = torch.arange(B) * T
-        bootstrap_index = (row_starts + row_lengths - 1)[:, None].expand(B, T)  # state after the row's last token
+        last_index = torch.arange(B) * T + row_lengths - 1  # flat index of each row's last token
 
         batch = {"input_ids": input_ids, "length_targets": returns, "target_mask": target_mask}
         if bool(bootstrappable.any()):
-            batch.update(bootstrap_discounts=discounts, bootstrap_index=bootstrap_index)
+            batch.update(bootstrap_discounts=discounts, bootstrap_index=last_index[:, None].expand(B, T))
+        batch["position_ids"] = torch.arange(T)[None, :].expand(B, T)
         if not self.padding_free:
             batch["attention_mask"] = attention_mask.long()
+            del batch["position_ids"]  # the model derives padding-aware positions from the mask
             return batch
-        batch["position_ids"] = torch.arange(T)[None, :].expand(B, T)
-        keep = attention_mask.reshape(-1)
-        return {key: value.reshape(-1)[keep][None, :] for key, value in batch.items()}  # each (1, N)
+        return _pack(batch, row_lengths, T, self.pad_token_id)
+
+
+def _pack(batch: dict[str, torch.Tensor], row_lengths: torch.Tensor, capacity: int, pad_token_id: int) -> dict:
+    """Move the rows of a right-padded batch into rows of ``capacity`` slots, first-fit decreasing."""
+    bins: list[list[int]] = []  # example indices per packed row
+    free: list[int] = []
+    for i in sorted(range(len(row_lengths)), key=lambda i: -int(row_lengths[i])):
+        n = int(row_lengths[i])
+        slot = next((b for b, room in enumerate(free) if room >= n), None)
+        if slot is None:
+            bins.append([])
+            free.append(capacity)
+            slot = len(bins) - 1
+        bins[slot].append(i)
+        free[slot] -= n
+
+    R, B = len(bins), len(row_lengths)
+    # Source (flat padded index) of every packed slot; leftover slots read column 0 of row 0 and are masked.
+    source = torch.zeros(R, capacity, dtype=torch.long)
+    is_real = torch.zeros(R, capacity, dtype=torch.bool)
+    position_ids = torch.zeros(R, capacity, dtype=torch.long)
+    new_flat_index = torch.zeros(B * capacity, dtype=torch.long)  # padded flat index -> packed flat index
+    for r, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            n = int(row_lengths[i])
+            source[r, offset : offset + n] = i * capacity + torch.arange(n)
+            new_flat_index[i * capacity : i * capacity + n] = r * capacity + offset + torch.arange(n)
+            is_real[r, offset : offset + n] = True
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            offset += n
+        position_ids[r, offset:] = torch.arange(capacity - offset)  # the padding tail is a sequence of its own
+
+    packed = {}
+    for key, value in batch.items():
+        gathered = value.reshape(-1)[source]
+        packed[key] = gathered.masked_fill(~is_real, 0) if gathered.dtype != torch.bool else gathered & is_real
+    packed["input_ids"] = packed["input_ids"].masked_fill(~is_real, pad_token_id)
+    packed["position_ids"] = position_ids
+    if "bootstrap_index" in packed:
+        packed["bootstrap_index"] = new_flat_index[packed["bootstrap_index"]]
+    return packed
