@@ -1,0 +1,101 @@
+"""Sample completions of a policy for LenVM pretraining (paper section 3: n completions per prompt, T = 1.0).
+
+    # one process
+    python recipes/sample_rollouts.py --config recipes/configs/lenvm_demo.yaml
+    # several processes, each writing its own shard (resumable: re-run the same command after an interruption)
+    accelerate launch --num_processes 2 recipes/sample_rollouts.py --config recipes/configs/lenvm_demo.yaml
+
+Reads prompts from GSM8K (`openai/gsm8k` or a local jsonl/parquet with `question` and `answer`; the demo world's
+`data/` directory has the same layout), renders them as chat prompts and writes one record per completion to
+`output_dir` (see `lenvm_rl.rollouts`). Load the result with `lenvm_rl.rollouts.load_rollouts(output_dir)`.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.rollouts import SamplingConfig, sample_rollouts
+
+
+@dataclass
+class SampleRolloutsArguments:
+    """Arguments of `recipes/sample_rollouts.py`."""
+
+    model_name_or_path: str = field(metadata={"help": "Policy to sample from (hub id or local path)."})
+    output_dir: str = field(metadata={"help": "Rollout directory; re-running resumes it."})
+    dataset_name: str = field(
+        default="openai/gsm8k", metadata={"help": "Hub id or local jsonl/parquet file or directory."}
+    )
+    dataset_config: str = field(default="main", metadata={"help": "Hub dataset config."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to take prompts from."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of the split."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    instruction: str | None = field(
+        default=DEFAULT_INSTRUCTION, metadata={"help": "Text appended to each question; null disables it."}
+    )
+    num_samples: int = field(default=16, metadata={"help": "Completions per prompt (paper: up to 16)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold (paper: 1.0)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k filter; 0 disables it."})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Length cap; cut completions are flagged."})
+    batch_size: int = field(default=32, metadata={"help": "Rows decoded together per process."})
+    chunk_size: int = field(default=32, metadata={"help": "Prompts per atomically written file."})
+    seed: int = field(default=0, metadata={"help": "Base sampling seed."})
+    dtype: str = field(default="float32", metadata={"help": "Policy dtype: float32, bfloat16 or float16."})
+
+
+def main(script_args: SampleRolloutsArguments) -> None:
+    state = PartialState()
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        script_args.model_name_or_path, dtype=getattr(torch, script_args.dtype)
+    ).to(state.device)
+    model.eval()
+
+    dataset = load_gsm8k(
+        script_args.dataset_name, split=script_args.dataset_split, config_name=script_args.dataset_config
+    )
+    if script_args.num_prompts is not None:
+        dataset = dataset.select(range(min(script_args.num_prompts, len(dataset))))
+    if "prompt_id" not in dataset.column_names:
+        ids = (
+            dataset["id"]
+            if "id" in dataset.column_names
+            else [f"{script_args.dataset_split}-{i}" for i in range(len(dataset))]
+        )
+        dataset = dataset.add_column("prompt_id", [str(i) for i in ids])
+    dataset = prepare_prompt_dataset(
+        dataset, system_prompt=script_args.system_prompt, instruction=script_args.instruction
+    )
+
+    sampling = SamplingConfig(
+        num_samples=script_args.num_samples,
+        temperature=script_args.temperature,
+        top_p=script_args.top_p,
+        top_k=script_args.top_k,
+        max_new_tokens=script_args.max_new_tokens,
+        seed=script_args.seed,
+        generator_model=script_args.model_name_or_path,
+    )
+    sample_rollouts(
+        model,
+        tokenizer,
+        dataset,
+        script_args.output_dir,
+        sampling,
+        batch_size=script_args.batch_size,
+        chunk_size=script_args.chunk_size,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+    )
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    parser = TrlParser(SampleRolloutsArguments)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)
