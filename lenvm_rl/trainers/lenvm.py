@@ -44,6 +44,8 @@ class LenVMConfig(TrainingArguments):
         reuse_token_ids (`bool`, *optional*, defaults to `True`):
             Train on the sampled token ids (exact when the LenVM shares the policy's tokenizer) instead of
             re-tokenising the text with the LenVM's tokenizer.
+        model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments for loading the backbone when `model` is a path (`dtype`, `attn_implementation`, ...).
     """
 
     gamma: float | None = field(
@@ -65,6 +67,9 @@ class LenVMConfig(TrainingArguments):
     padding_free: bool = field(default=False, metadata={"help": "Pack sequences end to end instead of padding."})
     reuse_token_ids: bool = field(
         default=True, metadata={"help": "Use the sampled token ids instead of re-tokenising the text."}
+    )
+    model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": "Backbone loading kwargs (dtype, attn_implementation) when model is a path."}
     )
     # Paper defaults (method doc section 3).
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial learning rate (paper: 2e-5)."})
@@ -166,9 +171,9 @@ class LenVMTrainer(Trainer):
         is_lenvm_dir = isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, VALUE_HEAD_NAME))
         if isinstance(model, (str, os.PathLike)) and not is_lenvm_dir:
             gamma = args.gamma if args.gamma is not None else _gamma_from_lengths(train_dataset, args)
-            return LengthValueModel.from_backbone(model, gamma=gamma), gamma
+            return LengthValueModel.from_backbone(model, gamma=gamma, **(args.model_init_kwargs or {})), gamma
         if is_lenvm_dir:
-            model = LengthValueModel.from_pretrained(model, gamma=args.gamma).train()
+            model = LengthValueModel.from_pretrained(model, gamma=args.gamma, **(args.model_init_kwargs or {})).train()
         if args.gamma is not None and not math.isclose(model.gamma, args.gamma, rel_tol=0, abs_tol=1e-12):
             raise ValueError(
                 f"The LenVM was built with gamma={model.gamma} but --gamma={args.gamma}: every target would change. "

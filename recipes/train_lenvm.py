@@ -1,0 +1,77 @@
+"""Pretrain a Length Value Model on sampled completions (paper section 3).
+
+    # the offline demo world (after recipes/sample_rollouts.py --config recipes/configs/rollouts_demo.yaml)
+    python recipes/train_lenvm.py --config recipes/configs/lenvm_demo.yaml
+    # paper scale: Qwen2.5-1.5B-Instruct init, DeepSpeed ZeRO-3 on 8 GPUs
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/train_lenvm.py \
+        --config recipes/configs/lenvm_qwen2.5_1.5b.yaml
+
+The LenVM starts from `model_name_or_path` (a causal LM, typically the policy itself, with a fresh value head)
+or from a saved LenVM (ours or the reference format) to continue training. `gamma: null` picks gamma by the
+99th-percentile rule on the training lengths. Interrupted runs resume with `--resume_from_checkpoint true`.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from lenvm_rl.rollouts import ROLLOUTS_CONFIG_NAME, load_rollouts
+from lenvm_rl.trainers.lenvm import LenVMConfig, LenVMTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainLenVMScriptArguments:
+    """Data arguments of `recipes/train_lenvm.py`."""
+
+    train_rollouts: str = field(metadata={"help": "Rollout directory (or jsonl file) written by sample_rollouts."})
+    eval_rollouts: str | None = field(default=None, metadata={"help": "Held-out rollouts for the eval loss."})
+    data_description: str | None = field(
+        default=None, metadata={"help": "Free text stored in the checkpoint (what the prompts were)."}
+    )
+
+
+def main(script_args: TrainLenVMScriptArguments, training_args: LenVMConfig, model_args: ModelConfig):
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    train_dataset = load_rollouts(script_args.train_rollouts)
+    eval_dataset = load_rollouts(script_args.eval_rollouts) if script_args.eval_rollouts else None
+    if training_args.model_init_kwargs is None:
+        training_args.model_init_kwargs = {"dtype": model_args.dtype or "float32"}
+        if model_args.attn_implementation:
+            training_args.model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+
+    trainer = LenVMTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.generator_model = _generator_model(script_args.train_rollouts)
+    model.data_description = script_args.data_description or f"rollouts from {script_args.train_rollouts}"
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
+
+
+def _generator_model(rollouts_path: str) -> str | None:
+    config = os.path.join(rollouts_path, ROLLOUTS_CONFIG_NAME)
+    return json.load(open(config)).get("generator_model") if os.path.isfile(config) else None
+
+
+if __name__ == "__main__":
+    parser = TrlParser((TrainLenVMScriptArguments, LenVMConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args)

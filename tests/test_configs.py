@@ -1,0 +1,42 @@
+"""Every YAML in recipes/configs parses into its recipe's dataclasses with no unknown key."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from trl import ModelConfig, TrlParser
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+from sample_rollouts import SampleRolloutsArguments  # noqa: E402
+from train_lenvm import TrainLenVMScriptArguments  # noqa: E402
+
+from lenvm_rl.trainers.lenvm import LenVMConfig  # noqa: E402
+
+# Config name prefix -> the dataclasses its recipe parses.
+RECIPES = {
+    "rollouts_": (SampleRolloutsArguments,),
+    "lenvm_": (TrainLenVMScriptArguments, LenVMConfig, ModelConfig),
+}
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+
+
+def dataclasses_for(path):
+    for prefix, types in RECIPES.items():
+        if path.name.startswith(prefix):
+            return types
+    raise AssertionError(f"{path.name}: no recipe registered for this config name in tests/test_configs.py")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses_with_known_keys_only(path):
+    parsed = TrlParser(dataclasses_for(path)).parse_args_and_config(["--config", str(path)])
+    assert all(parsed)
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    bad = tmp_path / "rollouts_bad.yaml"
+    bad.write_text("model_name_or_path: x\noutput_dir: y\nnum_sampels: 3\n")
+    with pytest.raises(ValueError, match="num_sampels"):
+        TrlParser(dataclasses_for(bad)).parse_args_and_config(["--config", str(bad)])
