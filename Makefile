@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) -m lenvm_rl.demo build --output_dir outputs/demo/world
-	HF_HUB_OFFLINE=1 $(PY) -m lenvm_rl.demo measure --world_dir outputs/demo/world --output_dir outputs/demo
+	PY=$(abspath $(PY)) bash recipes/demo.sh
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
@@ -29,6 +28,9 @@ test-slow: install
 style: install
 	$(PY) -m ruff format lenvm_rl tests recipes benchmarks
 	$(PY) -m ruff check --fix lenvm_rl tests recipes benchmarks
+
+bench: install
+	$(PY) benchmarks/lenvm_packing.py
 
 quality: install
 	$(PY) -m ruff format --check lenvm_rl tests recipes benchmarks

@@ -1,0 +1,964 @@
+"""PPOConfig / PPOTrainer: PPO with a learned task critic for causal LMs, in TRL's PPO vocabulary.
+
+TRL 1.13 removed its `PPOTrainer` (see ``shared/docs/trl_ppo_facts.md``). This trainer keeps the config fields,
+defaults, metric keys and constructor of TRL 1.12's, so a TRL <= 1.12 PPO script ports by changing its import,
+fixes that trainer's known defects, and splits one PPO update into overridable steps so that
+`LenVMPPOTrainer` can change only the rewards or the advantages.
+"""
+
+import copy
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.trainer_utils import set_seed
+from trl.data_utils import is_conversational, maybe_apply_chat_template
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
+from trl.trainer.utils import (
+    disable_dropout_in_model,
+    entropy_from_logits,
+    get_callable_name,
+    pad,
+    selective_log_softmax,
+    use_adapter,
+)
+
+from ..core import compute_gae
+from .utils import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_estimates,
+    masked_mean,
+    masked_whiten,
+    truncate_after_stop_token,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValueWrapper"]
+
+VALUE_MODEL_DIR = "value_model"  # checkpoint sub-folder of the critic; the policy sits at the top (TRL's layout)
+
+RewardFunc = Callable[..., list[float | None]] | nn.Module | str
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    r"""
+    Configuration of [`PPOTrainer`]: `transformers.TrainingArguments` plus TRL 1.12's PPO fields, with the same names,
+    meanings and defaults, and `reward_weights` (TRL's GRPO field).
+
+    One update samples `batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size`
+    completions; training runs `ceil(total_episodes / batch_size)` updates (`max_steps` is ignored, as in TRL).
+
+    Parameters:
+        > Parameters that control generation
+
+        response_length (`int`, *optional*, defaults to `53`):
+            Maximum number of tokens sampled per response.
+        stop_token (`str` or `None`, *optional*, defaults to `None`):
+            `"eos"` makes the tokenizer's EOS the stop token. The first stop token of a response is kept and everything
+            after it becomes padding.
+        stop_token_id (`int` or `None`, *optional*, defaults to `None`):
+            Stop token id; takes precedence over `stop_token`. With neither, the stop token is the tokenizer's EOS.
+        temperature (`float`, *optional*, defaults to `0.7`):
+            Sampling temperature; log-probabilities are computed from the logits divided by it.
+        missing_eos_penalty (`float` or `None`, *optional*, defaults to `None`):
+            Subtracted from the score of every response that holds no stop token (cut at `response_length`).
+        local_rollout_forward_batch_size (`int`, *optional*, defaults to `64`):
+            Rows per generation and no-grad forward chunk during the rollout.
+        ds3_gather_for_generation (`bool`, *optional*, defaults to `True`):
+            Gather the ZeRO-3 policy weights for generation (faster, more memory); `False` generates sharded.
+
+        > Parameters that control the PPO update
+
+        num_ppo_epochs (`int`, *optional*, defaults to `4`):
+            Passes over each batch of rollouts.
+        num_mini_batches (`int`, *optional*, defaults to `1`):
+            Optimizer steps per PPO epoch; must divide `gradient_accumulation_steps`.
+        whiten_rewards (`bool`, *optional*, defaults to `False`):
+            Scale the per-token rewards to unit variance (mean kept) before GAE.
+        kl_coef (`float`, *optional*, defaults to `0.05`):
+            Coefficient of the per-token KL penalty against the reference model.
+        kl_estimator (`str`, *optional*, defaults to `"k1"`):
+            KL estimator: `"k1"` (log ratio, unbiased) or `"k3"` (unbiased, non-negative, lower variance).
+        cliprange (`float`, *optional*, defaults to `0.2`):
+            Clip range of the policy ratio.
+        vf_coef (`float`, *optional*, defaults to `0.1`):
+            Weight of the value loss in `loss = pg_loss + vf_coef * vf_loss`.
+        cliprange_value (`float`, *optional*, defaults to `0.2`):
+            Clip range of the value predictions around the rollout values.
+        gamma (`float`, *optional*, defaults to `1.0`):
+            Discount of the task rewards.
+        lam (`float`, *optional*, defaults to `0.95`):
+            GAE lambda.
+
+        > Parameters that control the run
+
+        total_episodes (`int` or `None`, *optional*, defaults to `None`):
+            Completions to sample in total; `None` means `num_train_epochs * len(train_dataset)`.
+        num_sample_generations (`int`, *optional*, defaults to `10`):
+            Kept for TRL <= 1.12 scripts; sample tables are not generated yet.
+        learning_rate (`float`, *optional*, defaults to `3e-6`):
+            Learning rate of the policy and the critic (one optimizer).
+        logging_steps (`float`, *optional*, defaults to `1`):
+            Log every X updates (TRL 1.12 logged every update whatever this field said).
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the rewards, in the order `[reward_model, *reward_funcs]`; `None` weighs them all 1.0.
+        model_adapter_name (`str` or `None`, *optional*, defaults to `None`):
+            PEFT adapter of the policy, when the model holds several.
+        ref_adapter_name (`str` or `None`, *optional*, defaults to `None`):
+            PEFT adapter serving as the reference; `None` uses the policy with its adapters disabled.
+        exp_name (`str`, *optional*, defaults to `"ppo_config"`):
+            Kept for TRL <= 1.12 scripts; unused by the trainer.
+        reward_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
+            Kept for TRL <= 1.12 scripts (they load their models from it); unused by the trainer.
+        sft_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
+            Kept for TRL <= 1.12 scripts; unused by the trainer.
+        dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
+            Kept for TRL <= 1.12 scripts; unused by the trainer (prompts are tokenised per batch).
+    """
+
+    # Generation
+    response_length: int = field(default=53, metadata={"help": "Maximum number of tokens sampled per response."})
+    stop_token: Literal["eos"] | None = field(
+        default=None, metadata={"help": "'eos' makes the tokenizer's EOS the stop token."}
+    )
+    stop_token_id: int | None = field(
+        default=None, metadata={"help": "Stop token id; takes precedence over stop_token (default: EOS)."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of responses without a stop token."}
+    )
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Rows per generation and no-grad forward chunk during the rollout."}
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True, metadata={"help": "Gather ZeRO-3 policy weights for generation."}
+    )
+    # PPO update
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Scale per-token rewards to unit variance."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Coefficient of the per-token KL penalty."})
+    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "KL estimator: 'k1' or 'k3'."})
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount of the task rewards."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    # Run
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Completions to sample in total (None: num_train_epochs * dataset size)."}
+    )
+    num_sample_generations: int = field(
+        default=10, metadata={"help": "Kept for TRL <= 1.12 scripts; sample tables are not generated yet."}
+    )
+    learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X updates."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of [reward_model, *reward_funcs]; None weighs them all 1.0."}
+    )
+    model_adapter_name: str | None = field(default=None, metadata={"help": "PEFT adapter of the policy."})
+    ref_adapter_name: str | None = field(
+        default=None, metadata={"help": "PEFT adapter of the reference (None: adapters disabled)."}
+    )
+    # Read by TRL <= 1.12 example scripts, never by the trainer.
+    exp_name: str = field(default="ppo_config", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
+    reward_model_path: str = field(
+        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
+    )
+    sft_model_path: str = field(
+        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.response_length < 1:
+            raise ValueError(f"--response_length must be >= 1, got {self.response_length}")
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(
+                f"--stop_token must be 'eos' or None (use --stop_token_id for others), got {self.stop_token!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"--kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.num_ppo_epochs < 1:
+            raise ValueError(f"--num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
+        if self.num_mini_batches < 1 or self.gradient_accumulation_steps % self.num_mini_batches:
+            raise ValueError(
+                f"--gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
+                f"--num_mini_batches ({self.num_mini_batches}): each mini-batch is a whole number of micro-batches."
+            )
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma} and {self.lam}")
+        if self.local_rollout_forward_batch_size < 1:
+            raise ValueError("--local_rollout_forward_batch_size must be >= 1")
+        if self.load_best_model_at_end:
+            raise ValueError("--load_best_model_at_end is not supported: PPO has no evaluation metric to select on.")
+
+
+def _score_per_token(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Scalar head on every position of a sequence classifier (TRL's critic and reward-model layout).
+
+    Reads the backbone (`base_model_prefix`) and the `score` head directly, so the caller picks the position; a
+    classifier's own pooling finds the last token through `input_ids != pad_token_id`, which fails when pad == EOS.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden_states = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return model.score(hidden_states).squeeze(-1).float()  # (B, L)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, the way `generate` numbers them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    """The one place a frozen model (reference, reward model) is made: eval mode, no gradients, no dropout."""
+    model.eval().requires_grad_(False)
+    disable_dropout_in_model(model)
+    return model
+
+
+class PolicyAndValueWrapper(nn.Module):
+    """The policy and the critic as one module, so one optimizer, DDP and DeepSpeed see a single model.
+
+    `forward` runs both, which is what DDP needs to synchronise the gradients of both. Checkpoints store the policy
+    at the top of the folder (a loadable causal LM or PEFT adapter) and the critic in `value_model/`.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        logits = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            use_cache=False,
+        ).logits
+        values = _score_per_token(self.value_model, input_ids, attention_mask, position_ids)
+        return logits, values  # (B, logits_to_keep or L, V), (B, L)
+
+    # Activation checkpointing: `Trainer.train` enables it through the first method; TRL's generation context
+    # disables it around `generate` and re-enables it without arguments, so the settings are remembered.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        self._checkpointing_kwargs = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
+        for model in (self.policy, self.value_model):
+            model.activation_checkpointing_enable(**self._checkpointing_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        if gradient_checkpointing_kwargs is None:
+            self.activation_checkpointing_enable(**getattr(self, "_checkpointing_kwargs", {}))
+        else:
+            self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self):
+        for model in (self.policy, self.value_model):
+            model.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.policy.is_activation_checkpointing
+
+
+class PPOTrainer(Trainer):
+    r"""
+    PPO with a learned task critic for causal LMs (Schulman et al. 2017; Ziegler et al. 2019), built on
+    `transformers.Trainer` (checkpointing, `report_to`, callbacks, mixed precision, DeepSpeed) and TRL's utilities.
+
+    One update (`train` runs `ceil(total_episodes / batch_size)` of them) is a numbered list of overridable steps that
+    pass one plain dict, the *rollout batch*, from step to step (each step returns the keys it adds):
+
+    1. [`~PPOTrainer.generate_rollouts`]`(inputs)` -> `prompts`, `columns`, `queries`, `context_length`,
+       `responses`, `query_responses`, `attention_mask`, `response_mask`, `sequence_lengths`, `terminated`,
+       `completions`, `completion_ids`.
+    2. [`~PPOTrainer.score_rollouts`]`(batch)` -> `rewards_per_func` `(B, F)`, `scores` `(B,)`.
+    3. [`~PPOTrainer.compute_values`]`(batch)` -> `logprobs`, `ref_logprobs` `(B, T)`, `values` `(B, T + 1)`.
+    4. [`~PPOTrainer.compute_rewards`]`(batch)` -> `kl`, `non_score_rewards`, `rewards` `(B, T)`.
+    5. [`~PPOTrainer.compute_advantages`]`(batch)` -> `advantages` (whitened), `returns` `(B, T)`.
+    6. [`~PPOTrainer.train_on_rollouts`]`(batch)` -> per-micro-batch statistics (calls
+       [`~PPOTrainer.compute_ppo_loss`] on each micro-batch).
+    7. [`~PPOTrainer.gather_metrics`]`(batch, stats)` -> TRL's metric dict, logged with `Trainer.log`.
+
+    Shapes: `B` rollouts of this process, `T = response_length`, `C = context_length` (left-padded prompts).
+    `response_mask` is True on real response tokens including the stop token; `sequence_lengths` is the index of each
+    row's last real token (TRL's meaning); `values[:, t]` is `V(s_t)`, the critic at the position before token `t`, and
+    `values[:, T]` the state after the last column (the bootstrap of rows cut at `response_length`).
+
+    Args:
+        args ([`PPOConfig`]):
+            Configuration.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`]):
+            The policy's tokenizer, with a chat template for conversational prompts and a pad token.
+        model ([`~transformers.PreTrainedModel`] or `str`):
+            The policy, a causal LM (or its path).
+        ref_model ([`~transformers.PreTrainedModel`], *optional*):
+            Frozen reference for the KL penalty. `None`: a frozen copy of the policy, or, with `peft_config` or a PEFT
+            policy, the policy with its adapter disabled (or `ref_adapter_name` active).
+        reward_model ([`~transformers.PreTrainedModel`], *optional*):
+            A sequence classifier (`AutoModelForSequenceClassification`, `num_labels=1`) sharing the policy's
+            tokenizer; its score is read at each response's last real token. Needs `reward_funcs` when `None`.
+        train_dataset ([`~datasets.Dataset`]):
+            A `prompt` column (conversational messages or text) and any extra columns, which reach the reward
+            functions; or TRL 1.12's pre-tokenised `input_ids` column.
+        value_model ([`~transformers.PreTrainedModel`], *optional*):
+            The critic, a sequence or token classifier with one label whose `score` head is read at every position.
+            `None` builds one from the policy's backbone with a zero-initialised head.
+        data_collator (*optional*):
+            Accepted for TRL 1.12 signatures and ignored: the trainer tokenises and pads prompts itself.
+        eval_dataset (*optional*):
+            Accepted for TRL 1.12 signatures; unused.
+        optimizers (`tuple`, *optional*, defaults to `(None, None)`):
+            Optimizer over the wrapper's parameters and scheduler; created from `args` by default.
+        callbacks (`list[TrainerCallback]`, *optional*):
+            Extra callbacks.
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            LoRA (or another adapter) on the policy; the critic trains in full.
+        reward_funcs (`list`, *optional*):
+            Reward functions with TRL's GRPO signature, `func(prompts=..., completions=..., completion_ids=...,
+            trainer_state=..., **dataset_columns) -> list[float | None]` (`None` skips the function for a row), or
+            sequence classifiers / their paths. Logged as `rewards/<name>/mean` and `/std`.
+
+    Differences from TRL 1.12:
+
+    - **Defects fixed.** The score lands on the last real token (the stop token), not the slot after it.
+      `missing_eos_penalty` and `val/num_eos_tokens` use the configured stop token; masks come from the stop token's
+      position, so `pad_token_id == eos_token_id` works. `bf16`/`fp16` and `gradient_checkpointing` from the config
+      apply (the Trainer's accelerator). Advantage (and reward) whitening uses statistics all-reduced over processes
+      and is safe on masks of 0 or 1 tokens. Checkpoints hold the policy, the critic (`value_model/`), optimizer,
+      scheduler and RNG states, and `train(resume_from_checkpoint=...)` continues the run exactly. Reference
+      log-probabilities of a LoRA policy and saving go through `accelerator.unwrap_model` (DDP-safe).
+    - **Rewards.** Reward functions with GRPO's signature and any dataset column, several rewards combined with
+      `reward_weights` (a reward model is the first entry), per-reward metrics `rewards/<name>/mean|std`.
+    - **Data.** Prompts are rendered with the chat template and tokenised per batch; extra columns are allowed. Each
+      update takes the next `batch_size` prompts of a seeded per-epoch permutation (no rows dropped at epoch ends).
+    - **Truncated rows.** A response cut at `response_length` without a stop token is not treated as finished: its
+      score (minus `missing_eos_penalty`) still lands on its last token, and GAE bootstraps from the critic's value of
+      the state after the cut (`terminated=False` in [`~lenvm_rl.core.compute_gae`]).
+    - **Stop token.** With neither `stop_token` nor `stop_token_id`, EOS is the stop token (TRL 1.12 stopped
+      generation at EOS but then did not truncate nor check it). Generation stops at the stop token.
+    - **Mini-batches.** Each mini-batch is `gradient_accumulation_steps / num_mini_batches` micro-batches and ends
+      with one optimizer step (TRL 1.12 stepped every `gradient_accumulation_steps` micro-batches whatever the
+      mini-batch boundaries); `max_grad_norm` clips the gradients (TRL 1.12 ignored it).
+    - **Metrics.** Token-level statistics (`policy/*`, `val/ratio`) are masked means over real tokens; `logging_steps`
+      (default 1) selects the updates that log. `num_sample_generations` is accepted but no sample table is produced.
+    - **Critic.** `value_model` may be omitted (built from the policy). Checkpoints save it under `value_model/`.
+    """
+
+    _tag_names = ["trl", "ppo", "lenvm-rl"]
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        processing_class: PreTrainedTokenizerBase,
+        model: nn.Module | str,
+        ref_model: nn.Module | None = None,
+        reward_model: nn.Module | None = None,
+        train_dataset=None,
+        value_model: nn.Module | None = None,
+        data_collator=None,
+        eval_dataset=None,
+        optimizers: tuple = (None, None),
+        callbacks: list | None = None,
+        peft_config=None,
+        reward_funcs: list[RewardFunc] | None = None,
+    ):
+        if train_dataset is None or not hasattr(train_dataset, "__len__"):
+            raise ValueError("PPOTrainer needs a map-style `train_dataset` (with a length) of prompts.")
+        if processing_class is None or processing_class.pad_token_id is None:
+            raise ValueError("PPOTrainer needs a tokenizer with a pad token: set `tokenizer.pad_token`.")
+        if data_collator is not None:
+            logger.warning("`data_collator` is ignored: PPOTrainer tokenises and left-pads the prompts itself.")
+        if args.max_steps > 0:
+            logger.warning("`max_steps` is ignored by PPOTrainer: the number of updates follows `total_episodes`.")
+        set_seed(args.seed)  # the critic built from the policy is part of the seeded run
+
+        policy = AutoModelForCausalLM.from_pretrained(model) if isinstance(model, str) else model
+        if ref_model is not None and ref_model is policy:
+            raise ValueError("`model` and `ref_model` are the same object; pass `ref_model=None` for a frozen copy.")
+        is_peft_policy = hasattr(policy, "peft_config")
+        if value_model is None:
+            if is_peft_policy:
+                raise ValueError(
+                    "A PEFT policy needs an explicit `value_model`; or pass the base model with `peft_config` and the "
+                    "critic is built from its backbone."
+                )
+            value_model = self._value_model_from_policy(policy)
+        if peft_config is not None:
+            if ref_model is not None:
+                raise ValueError(
+                    "With `peft_config` the reference is the policy with its adapter disabled: pass `ref_model=None`."
+                )
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, peft_config)
+            is_peft_policy = True
+        if is_peft_policy:
+            if ref_model is not None:
+                raise ValueError("A PEFT policy is its own reference (adapter disabled): pass `ref_model=None`.")
+            if args.model_adapter_name is not None:
+                policy.set_adapter(args.model_adapter_name)
+        elif ref_model is None:
+            ref_model = copy.deepcopy(policy)
+        self.ref_model = _freeze(ref_model) if ref_model is not None else None
+        disable_dropout_in_model(policy)
+        disable_dropout_in_model(value_model)
+
+        reward_funcs = ([reward_model] if reward_model is not None else []) + list(reward_funcs or [])
+        if not reward_funcs:
+            raise ValueError("PPOTrainer needs a `reward_model` and/or `reward_funcs`.")
+        self.reward_funcs = [
+            _freeze(AutoModelForSequenceClassification.from_pretrained(func, num_labels=1))
+            if isinstance(func, str)
+            else _freeze(func)
+            if isinstance(func, nn.Module)
+            else func
+            for func in reward_funcs
+        ]
+        self.reward_func_names = [
+            (func.config._name_or_path.split("/")[-1] or type(func).__name__)
+            if isinstance(func, nn.Module)
+            else get_callable_name(func)
+            for func in self.reward_funcs
+        ]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"--reward_weights has {len(weights)} entries but there are {len(self.reward_funcs)} rewards "
+                f"({self.reward_func_names}, the reward model first)."
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+        super().__init__(
+            model=PolicyAndValueWrapper(policy, value_model),
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.is_peft_policy = is_peft_policy
+        if self.is_deepspeed_enabled and args.num_mini_batches > 1:
+            raise ValueError(
+                "--num_mini_batches > 1 is not supported with DeepSpeed yet: its gradient accumulation spans "
+                "gradient_accumulation_steps micro-batches, one mini-batch here has fewer."
+            )
+
+        if args.stop_token_id is not None:
+            self.stop_token_id = args.stop_token_id
+        elif processing_class.eos_token_id is not None:
+            self.stop_token_id = processing_class.eos_token_id
+        else:
+            raise ValueError("The tokenizer has no EOS token: set --stop_token_id.")
+        self.pad_token_id = processing_class.pad_token_id
+        self.generation_config = GenerationConfig(
+            max_new_tokens=args.response_length,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            do_sample=True,
+            eos_token_id=self.stop_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+        # Batch sizes (TRL's names): rollouts per process and per update, micro-batches per optimizer step.
+        self.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.batch_size = self.local_batch_size * self.accelerator.num_processes
+        self.local_mini_batch_size = self.local_batch_size // args.num_mini_batches
+        total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
+        self.num_updates = math.ceil(total_episodes / self.batch_size)
+        self._permutation_epoch, self._permutation = None, None
+
+    @staticmethod
+    def _value_model_from_policy(policy: nn.Module) -> nn.Module:
+        """A critic with the policy's backbone and a zero scalar head (every value starts at 0)."""
+        config = copy.deepcopy(policy.config)
+        config.num_labels = 1
+        value_model = AutoModelForSequenceClassification.from_config(config)
+        backbone = getattr(value_model, value_model.base_model_prefix)
+        backbone.load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
+        nn.init.zeros_(value_model.score.weight)
+        return value_model.to(device=policy.device, dtype=policy.dtype)
+
+    # ------------------------------------------------------------------ the update loop
+
+    def _inner_training_loop(
+        self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
+    ):
+        args = self.args
+        self.accelerator.free_memory()
+        updates_per_epoch = max(1, len(self.train_dataset) // self.batch_size)
+        num_epochs = math.ceil(self.num_updates / updates_per_epoch)
+        self._init_training_state(self.num_updates, updates_per_epoch, num_epochs, resume_from_checkpoint, trial)
+        model, _ = self._prepare_for_training(self.num_updates, None, resume_from_checkpoint)
+        self._prepare_frozen_models()
+        self._load_rng_state(resume_from_checkpoint)  # after all set-up, so the run continues bit for bit
+
+        logger.info(
+            "***** Running PPO *****  updates = %d, rollouts per update = %d, PPO epochs = %d, mini-batches = %d",
+            self.num_updates,
+            self.batch_size,
+            args.num_ppo_epochs,
+            args.num_mini_batches,
+        )
+        start_time = time.time()
+        self._initial_num_input_tokens_seen = self.state.num_input_tokens_seen
+        self._initial_global_step = self.state.global_step
+        self._tr_loss = torch.tensor(0.0, device=args.device)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = self.state.global_step
+        self._start_time = start_time
+        model.zero_grad()
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+
+        for update in range(self.state.global_step, self.num_updates):
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            inputs = self.get_rollout_inputs(update)
+            with torch.no_grad():
+                # 1. rollout
+                batch = self.generate_rollouts(inputs)
+                # 2. score
+                batch.update(self.score_rollouts(batch))
+                # 3. values
+                batch.update(self.compute_values(batch))
+                # 4. rewards
+                batch.update(self.compute_rewards(batch))
+                # 5. advantages
+                batch.update(self.compute_advantages(batch))
+            # 6. PPO epochs (one scheduler step per update)
+            stats = self.train_on_rollouts(batch)
+            self.lr_scheduler.step()
+            self._tr_loss += stats["loss"].mean()
+            self.state.global_step += 1
+            self.state.epoch = self.state.global_step * self.batch_size / len(self.train_dataset)
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            # 7. log
+            if self.control.should_log:
+                self.log(self.gather_metrics(batch, stats))
+            if self.control.should_save:
+                self._save_checkpoint(model, trial)
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+
+        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+        return self._finalize_training(trial, self.state.global_step * self.batch_size, start_time)
+
+    def _prepare_frozen_models(self):
+        """Place the reference and reward models; under ZeRO-3 shard them for inference (after the policy's prepare)."""
+
+        def place(model: nn.Module) -> nn.Module:
+            if self.is_deepspeed_enabled:
+                return prepare_deepspeed(model, self.accelerator)
+            return model.to(self.accelerator.device)
+
+        if self.ref_model is not None:
+            self.ref_model = place(self.ref_model)
+        self.reward_funcs = [place(func) if isinstance(func, nn.Module) else func for func in self.reward_funcs]
+
+    def get_rollout_inputs(self, update: int) -> list[dict[str, Any]]:
+        """This process's dataset rows for `update`: a slice of a seeded per-epoch permutation of the dataset.
+
+        A pure function of `update` (and the seed), so resuming needs no data-loader state and uses no global RNG.
+        """
+        n = len(self.train_dataset)
+        start = update * self.batch_size + self.accelerator.process_index * self.local_batch_size
+        rows = []
+        for position in range(start, start + self.local_batch_size):
+            epoch, index = divmod(position, n)
+            if epoch != self._permutation_epoch:
+                seed = (self.args.data_seed if self.args.data_seed is not None else self.args.seed) + epoch
+                self._permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+                self._permutation_epoch = epoch
+            rows.append(self.train_dataset[self._permutation[index]])
+        return rows
+
+    # ------------------------------------------------------------------ 1. rollout
+
+    def _tokenize_prompts(self, inputs: list[dict[str, Any]]) -> tuple[list, list[list[int]]]:
+        if "input_ids" in inputs[0]:  # TRL 1.12 scripts pre-tokenise
+            prompt_ids = [list(row["input_ids"]) for row in inputs]
+            prompts = [row.get("prompt", self.processing_class.decode(ids)) for row, ids in zip(inputs, prompt_ids)]
+            return prompts, prompt_ids
+        if "prompt" not in inputs[0]:
+            raise ValueError(f"The dataset needs a 'prompt' (or 'input_ids') column; found {list(inputs[0])}.")
+        prompts = [row["prompt"] for row in inputs]
+        texts = [maybe_apply_chat_template({"prompt": prompt}, self.processing_class)["prompt"] for prompt in prompts]
+        prompt_ids = self.processing_class(text=texts, add_special_tokens=False)["input_ids"]
+        return prompts, prompt_ids
+
+    def generate_rollouts(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Sample one response per prompt and cut it after its first stop token.
+
+        Args:
+            inputs (`list[dict]`): this process's dataset rows.
+
+        Returns:
+            `dict`: the rollout batch: `prompts` (raw), `columns` (every dataset column but `prompt`, as lists),
+            `queries` `(B, C)` left-padded, `context_length` (`C`), `responses` `(B, T)`, `query_responses`
+            `(B, C + T)`, `attention_mask` `(B, C + T)`, `response_mask` `(B, T)`, `sequence_lengths` `(B,)`,
+            `terminated` `(B,)`, `completions` (text, or assistant messages for conversational prompts) and
+            `completion_ids` (lists of ids, stop token included), the last two in reward-function format.
+        """
+        device = self.accelerator.device
+        prompts, prompt_ids = self._tokenize_prompts(inputs)
+        queries = pad([torch.tensor(ids) for ids in prompt_ids], self.pad_token_id, "left").to(device)  # (B, C)
+        query_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], 0, "left").to(device)
+        context_length = queries.shape[1]
+        T = self.args.response_length
+
+        chunk = self.args.local_rollout_forward_batch_size
+        responses = []
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as unwrapped,
+            self.accelerator.autocast(),
+        ):
+            unwrapped.eval()
+            for i in range(0, len(queries), chunk):
+                output = unwrapped.policy.generate(
+                    input_ids=queries[i : i + chunk],
+                    attention_mask=query_mask[i : i + chunk],
+                    generation_config=self.generation_config,
+                )
+                generated = output[:, context_length:]
+                responses.append(nn.functional.pad(generated, (0, T - generated.shape[1]), value=self.pad_token_id))
+        responses, response_mask, sequence_lengths, terminated = truncate_after_stop_token(
+            torch.cat(responses), self.stop_token_id, self.pad_token_id
+        )
+
+        completion_ids = [row[mask].tolist() for row, mask in zip(responses, response_mask)]
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": text}] for text in texts]
+        else:
+            completions = texts
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
+        return {
+            "prompts": prompts,
+            "columns": columns,
+            "queries": queries,
+            "context_length": context_length,
+            "responses": responses,
+            "query_responses": torch.cat([queries, responses], dim=1),
+            "attention_mask": torch.cat([query_mask, response_mask.long()], dim=1),
+            "response_mask": response_mask,
+            "sequence_lengths": sequence_lengths,
+            "terminated": terminated,
+            "completions": completions,
+            "completion_ids": completion_ids,
+        }
+
+    # ------------------------------------------------------------------ 2. score
+
+    def score_rollouts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Task scores: the weighted sum of every reward (NaN entries skipped), minus `missing_eos_penalty` for rows
+        without a stop token.
+
+        Returns:
+            `dict`: `rewards_per_func` `(B, F)` (NaN where a function returned `None`) and `scores` `(B,)`.
+        """
+        device = self.accelerator.device
+        B = len(batch["prompts"])
+        rewards_per_func = torch.zeros(B, len(self.reward_funcs), device=device)
+        for i, func in enumerate(self.reward_funcs):
+            if isinstance(func, nn.Module):
+                rewards_per_func[:, i] = self._reward_model_scores(func, batch)
+            else:
+                output = func(
+                    prompts=batch["prompts"],
+                    completions=batch["completions"],
+                    completion_ids=batch["completion_ids"],
+                    trainer_state=self.state,
+                    **batch["columns"],
+                )
+                if len(output) != B:
+                    raise ValueError(
+                        f"Reward function {self.reward_func_names[i]!r} returned {len(output)} rewards for {B} completions."
+                    )
+                rewards_per_func[:, i] = torch.tensor([math.nan if r is None else r for r in output], device=device)
+        scores = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * (~batch["terminated"]).float()
+        return {"rewards_per_func": rewards_per_func, "scores": scores}
+
+    def _reward_model_scores(self, reward_model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """A sequence classifier's score at each response's last real token, on the policy's token ids."""
+        last = batch["context_length"] + batch["sequence_lengths"]  # (B,) position of the last real token
+        scores = []
+        chunk = self.args.local_rollout_forward_batch_size
+        for i in range(0, len(last), chunk):
+            input_ids = batch["query_responses"][i : i + chunk]
+            attention_mask = batch["attention_mask"][i : i + chunk]
+            with self.accelerator.autocast():
+                per_token = _score_per_token(reward_model, input_ids, attention_mask, _position_ids(attention_mask))
+            scores.append(per_token[torch.arange(len(input_ids), device=per_token.device), last[i : i + chunk]])
+        return torch.cat(scores)
+
+    # ------------------------------------------------------------------ 3. values
+
+    def _forward(self, model: nn.Module, query_responses, attention_mask, context_length: int):
+        """Tempered policy logits of the response tokens `(B, T, V)` and critic values `(B, T + 1)`."""
+        T = query_responses.shape[1] - context_length
+        logits, values = model(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask),
+            logits_to_keep=T + 1,
+        )
+        # Position C - 1 + t predicts response token t and holds V(s_t); the last position is the state after T.
+        return logits[:, :-1].float() / self.args.temperature, values[:, context_length - 1 :].float()
+
+    def _ref_logits(self, query_responses, attention_mask, context_length: int) -> torch.Tensor:
+        T = query_responses.shape[1] - context_length
+        kwargs = dict(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask),
+            logits_to_keep=T + 1,
+            use_cache=False,
+        )
+        with self.accelerator.autocast():
+            if self.ref_model is not None:
+                logits = self.ref_model(**kwargs).logits
+            else:
+                policy = self.accelerator.unwrap_model(self.model_wrapped).policy
+                with use_adapter(policy, self.args.ref_adapter_name):
+                    logits = policy(**kwargs).logits
+        return logits[:, :-1].float() / self.args.temperature
+
+    def compute_values(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Log-probabilities of the sampled tokens under the policy and the reference, and the critic's values.
+
+        Returns:
+            `dict`: `logprobs` and `ref_logprobs` `(B, T)` (0 on padding), `values` `(B, T + 1)`.
+        """
+        C = batch["context_length"]
+        mask = batch["response_mask"]
+        logprobs, ref_logprobs, values = [], [], []
+        self.model_wrapped.eval()
+        chunk = self.args.local_rollout_forward_batch_size
+        for i in range(0, len(mask), chunk):
+            query_responses = batch["query_responses"][i : i + chunk]
+            attention_mask = batch["attention_mask"][i : i + chunk]
+            responses = batch["responses"][i : i + chunk]
+            logits, chunk_values = self._forward(self.model_wrapped, query_responses, attention_mask, C)
+            logprobs.append(selective_log_softmax(logits, responses))
+            ref_logprobs.append(selective_log_softmax(self._ref_logits(query_responses, attention_mask, C), responses))
+            values.append(chunk_values)
+        return {
+            "logprobs": torch.cat(logprobs).masked_fill(~mask, 0.0),
+            "ref_logprobs": torch.cat(ref_logprobs).masked_fill(~mask, 0.0),
+            "values": torch.cat(values),
+        }
+
+    # ------------------------------------------------------------------ 4. rewards
+
+    def compute_rewards(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-token rewards: `-kl_coef * KL_t` on every real token, plus the score on the last real token.
+
+            r_t = -kl_coef * KL_t + 1[t = sequence_length] * score
+
+        Returns:
+            `dict`: `kl`, `non_score_rewards` and `rewards`, all `(B, T)` and 0 on padding.
+        """
+        mask = batch["response_mask"]
+        kl = kl_estimates(batch["logprobs"], batch["ref_logprobs"], self.args.kl_estimator).masked_fill(~mask, 0.0)
+        non_score_rewards = -self.args.kl_coef * kl
+        rows = torch.arange(len(mask), device=mask.device)
+        rewards = non_score_rewards.clone()
+        rewards[rows, batch["sequence_lengths"]] += batch["scores"]
+        if self.args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
+        return {"kl": kl, "non_score_rewards": non_score_rewards, "rewards": rewards}
+
+    # ------------------------------------------------------------------ 5. advantages
+
+    def compute_advantages(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """GAE of the task critic ([`~lenvm_rl.core.compute_gae`]); rows cut without a stop token bootstrap from
+        `values[:, T]`. Returns are computed before the advantages are whitened over all processes' real tokens.
+
+        Returns:
+            `dict`: `advantages` (whitened) and `returns`, `(B, T)`, 0 on padding.
+        """
+        mask = batch["response_mask"]
+        advantages, returns = compute_gae(
+            batch["rewards"], batch["values"], mask, self.args.gamma, self.args.lam, batch["terminated"]
+        )
+        advantages = masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
+        return {"advantages": advantages, "returns": returns}
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    # ------------------------------------------------------------------ 6. PPO epochs
+
+    def compute_ppo_loss(
+        self, model: nn.Module, batch: dict[str, Any], indices: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`pg_loss + vf_coef * vf_loss` on the rows `indices` of the batch, and detached statistics."""
+        mask = batch["response_mask"][indices]
+        logits, values = self._forward(
+            model, batch["query_responses"][indices], batch["attention_mask"][indices], batch["context_length"]
+        )
+        logprobs = selective_log_softmax(logits, batch["responses"][indices])
+        pg_loss, pg_stats = clipped_policy_loss(
+            logprobs, batch["logprobs"][indices], batch["advantages"][indices], mask, self.args.cliprange
+        )
+        vf_loss, vf_clipfrac = clipped_value_loss(
+            values[:, :-1], batch["values"][indices, :-1], batch["returns"][indices], mask, self.args.cliprange_value
+        )
+        loss = pg_loss + self.args.vf_coef * vf_loss
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+        stats = {
+            "loss": loss.detach(),
+            "pg_loss": pg_loss.detach(),
+            "vf_loss": vf_loss.detach(),
+            "vf_clipfrac": vf_clipfrac,
+            "pg_clipfrac": pg_stats["clipfrac"],
+            "approxkl": pg_stats["approxkl"],
+            "ratio": pg_stats["ratio"],
+            "entropy": entropy,
+        }
+        return loss, stats
+
+    def train_on_rollouts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """`num_ppo_epochs` passes over shuffled mini-batches; one optimizer step per mini-batch, its micro-batches
+        (`per_device_train_batch_size` rows) accumulated without gradient synchronisation until the last.
+
+        Returns:
+            `dict[str, torch.Tensor]`: each statistic of [`~PPOTrainer.compute_ppo_loss`], one entry per micro-batch.
+        """
+        model = self.model_wrapped
+        model.train()
+        micro_batch_size = self.args.per_device_train_batch_size
+        stats = defaultdict(list)
+        for _ in range(self.args.num_ppo_epochs):
+            order = torch.randperm(self.local_batch_size, device=self.accelerator.device)
+            for mini_batch in order.split(self.local_mini_batch_size):
+                micro_batches = mini_batch.split(micro_batch_size)
+                # DeepSpeed divides by its gradient_accumulation_steps itself (the micro-batch count, see __init__).
+                loss_scale = 1 if self.is_deepspeed_enabled else len(micro_batches)
+                for k, indices in enumerate(micro_batches):
+                    is_last = k == len(micro_batches) - 1
+                    with nullcontext() if is_last else self.accelerator.no_sync(model):
+                        loss, micro_stats = self.compute_ppo_loss(model, batch, indices)
+                        self.accelerator.backward(loss / loss_scale)
+                    for key, value in micro_stats.items():
+                        stats[key].append(value)
+                if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        stats = {key: torch.stack(values) for key, values in stats.items()}
+        stats["lr"] = torch.tensor(self._get_learning_rate())  # the rate these steps used, before the scheduler steps
+        return stats
+
+    # ------------------------------------------------------------------ 7. log
+
+    def gather_metrics(self, batch: dict[str, Any], stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """TRL's metrics over all processes, plus `rewards/<name>/mean|std` (a collective: every process calls it)."""
+        gather = self.accelerator.gather
+        mask = batch["response_mask"]
+        non_score_reward = batch["non_score_rewards"].sum(1)  # (B,)
+        episode = self.state.global_step * self.batch_size
+        ratio = gather(stats["ratio"])
+        metrics = {
+            "eps": int(episode / max(time.time() - self._start_time, 1e-9)),
+            "objective/kl": gather(batch["kl"].sum(1)).mean().item(),
+            "objective/entropy": gather((-batch["logprobs"]).masked_fill(~mask, 0.0).sum(1)).mean().item(),
+            "objective/non_score_reward": gather(non_score_reward).mean().item(),
+            "objective/rlhf_reward": gather(non_score_reward + batch["scores"]).mean().item(),
+            "objective/scores": gather(batch["scores"]).mean().item(),
+            "policy/approxkl_avg": gather(stats["approxkl"]).mean().item(),
+            "policy/clipfrac_avg": gather(stats["pg_clipfrac"]).mean().item(),
+            "loss/policy_avg": gather(stats["pg_loss"]).mean().item(),
+            "loss/value_avg": gather(stats["vf_loss"]).mean().item(),
+            "val/clipfrac_avg": gather(stats["vf_clipfrac"]).mean().item(),
+            "policy/entropy_avg": gather(stats["entropy"]).mean().item(),
+            "val/ratio": ratio.mean().item(),
+            "val/ratio_var": ratio.var().item() if ratio.numel() > 1 else 0.0,
+            "val/num_eos_tokens": gather(batch["terminated"].sum()).sum().item(),
+            "lr": stats["lr"].item(),
+            "episode": episode,
+        }
+        rewards_per_func = gather(batch["rewards_per_func"])  # (B * processes, F)
+        for i, name in enumerate(self.reward_func_names):
+            column = rewards_per_func[:, i]
+            column = column[~torch.isnan(column)]
+            metrics[f"rewards/{name}/mean"] = column.mean().item() if column.numel() else math.nan
+            metrics[f"rewards/{name}/std"] = column.std().item() if column.numel() > 1 else 0.0
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if state_dict is None:
+            state_dict = wrapper.state_dict()
+        for name, module, folder in (
+            ("policy", wrapper.policy, output_dir),
+            ("value_model", wrapper.value_model, os.path.join(output_dir, VALUE_MODEL_DIR)),
+        ):
+            prefix = f"{name}."
+            module_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            module.save_pretrained(folder, state_dict=module_state)
+        self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model=wrapper.policy)
+        super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, VALUE_MODEL_DIR), model=wrapper.value_model)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # Tied weights (an LM head sharing the embedding matrix) are saved once: their absence is expected.
+        wrapper = self.accelerator.unwrap_model(self.model)
+        tied = set()
+        for module in (wrapper.policy, wrapper.value_model):
+            names_by_storage = defaultdict(list)
+            for name, tensor in module.state_dict().items():
+                names_by_storage[tensor.data_ptr()].append(name)
+            tied.update(name for names in names_by_storage.values() if len(names) > 1 for name in names)
+        missing = sorted(set(load_result.missing_keys) - tied)
+        if missing:
+            logger.warning("There were missing keys in the checkpoint model loaded: %s.", missing)
+        if load_result.unexpected_keys:
+            logger.warning(
+                "There were unexpected keys in the checkpoint model loaded: %s.", load_result.unexpected_keys
+            )
