@@ -14,5 +14,17 @@ from .core import (  # noqa: F401
     values_to_lengths,
 )
 from .data import DEFAULT_INSTRUCTION, load_gsm8k, make_conversational_prompt, prepare_prompt_dataset  # noqa: F401
+from .evaluation import evaluate_length_prediction, format_length_prediction_table, plot_length_prediction  # noqa: F401
+from .metrics import (  # noqa: F401
+    PromptBoundaryMRE,
+    constant_baseline_value,
+    fit_prompt_length_regression,
+    predict_prompt_length_regression,
+    prompt_boundary_mre,
+    relative_length_error_at_fractions,
+    value_mse,
+)
 from .modeling import LengthValueModel, LengthValueModelOutput, check_tokenizers_compatible, freeze_model  # noqa: F401
 from .rewards import extract_gsm8k_answer, gsm8k_accuracy_reward, gsm8k_format_reward  # noqa: F401
+from .trainers.lenvm import LenVMConfig, LenVMTrainer  # noqa: F401
+from .trainers.ppo import PPOConfig, PPOTrainer  # noqa: F401

@@ -9,6 +9,7 @@ from trl import ModelConfig, TrlParser
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
+from eval_length_prediction import EvalLengthPredictionArguments  # noqa: E402
 from sample_rollouts import SampleRolloutsArguments  # noqa: E402
 from train_lenvm import TrainLenVMScriptArguments  # noqa: E402
 
@@ -18,6 +19,7 @@ from lenvm_rl.trainers.lenvm import LenVMConfig  # noqa: E402
 RECIPES = {
     "rollouts_": (SampleRolloutsArguments,),
     "lenvm_": (TrainLenVMScriptArguments, LenVMConfig, ModelConfig),
+    "eval_length_": (EvalLengthPredictionArguments,),
 }
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 

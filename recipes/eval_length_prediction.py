@@ -1,0 +1,107 @@
+"""Evaluate a LenVM's length predictions on held-out prompts (paper section 5), next to two baselines.
+
+    # the offline demo world (after recipes/train_lenvm.py --config recipes/configs/lenvm_demo.yaml)
+    python recipes/eval_length_prediction.py --lenvm_path outputs/demo/lenvm \
+        --train_rollouts outputs/demo/rollouts/train --eval_rollouts outputs/demo/rollouts/eval \
+        --output_dir outputs/demo
+    # a reference-format LenVM (no gamma stored), rollouts given as a glob of jsonl files
+    python recipes/eval_length_prediction.py --lenvm_path path/to/lenvm --gamma 0.997 \
+        --eval_rollouts "rollouts/eval/*.jsonl" --output_dir outputs/eval
+    # the same arguments from a YAML file
+    python recipes/eval_length_prediction.py --config my_eval.yaml
+
+Writes `eval_length_prediction.json` (the keys are documented in `lenvm_rl.evaluation.evaluate_length_prediction`)
+and `eval_length_prediction.png` to `output_dir`, and prints a table. Completions cut at the sampling cap are
+left out of the ground truth (their true length is unknown) and counted.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from trl import TrlParser
+
+from lenvm_rl.evaluation import evaluate_length_prediction, format_length_prediction_table, plot_length_prediction
+from lenvm_rl.modeling import LengthValueModel
+from lenvm_rl.rollouts import load_rollouts
+
+RESULTS_NAME = "eval_length_prediction.json"
+PLOT_NAME = "eval_length_prediction.png"
+
+
+@dataclass
+class EvalLengthPredictionArguments:
+    """Arguments of `recipes/eval_length_prediction.py`.
+
+    Parameters:
+        lenvm_path (`str`): Saved LenVM directory (ours or the reference format).
+        eval_rollouts (`str`): Held-out rollouts: a rollout directory, a jsonl file or a glob of jsonl files.
+        output_dir (`str`): Where the JSON and the PNG are written.
+        train_rollouts (`str` or `None`): Training rollouts (same forms) to fit the baselines on.
+        gamma (`float` or `None`): The LenVM's discount; required for reference checkpoints, which do not store it.
+        batch_size (`int`): Sequences per LenVM forward.
+        max_prompt_length (`int` or `None`): Prompts longer than this are truncated from the left.
+        max_length (`int` or `None`): Window of prompt + completion tokens; later states are not scored.
+    """
+
+    lenvm_path: str = field(metadata={"help": "Saved LenVM directory (ours or the reference format)."})
+    eval_rollouts: str = field(
+        metadata={"help": "Held-out rollouts: a rollout directory, a jsonl file or a glob of jsonl files."}
+    )
+    output_dir: str = field(metadata={"help": "Where the JSON and the PNG are written."})
+    train_rollouts: str | None = field(
+        default=None, metadata={"help": "Training rollouts (same forms) to fit the baselines on."}
+    )
+    gamma: float | None = field(
+        default=None,
+        metadata={"help": "The LenVM's discount; required for reference checkpoints, which do not store it."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Sequences per LenVM forward."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompts longer than this are truncated from the left."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Window of prompt + completion tokens; later states are not scored."}
+    )
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+
+
+def main(script_args: EvalLengthPredictionArguments) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).to(device)
+    train_dataset = _load_records(script_args.train_rollouts) if script_args.train_rollouts else None
+    results = evaluate_length_prediction(
+        model,
+        _load_records(script_args.eval_rollouts),
+        train_dataset,
+        batch_size=script_args.batch_size,
+        max_prompt_length=script_args.max_prompt_length,
+        max_length=script_args.max_length,
+    )
+    results = {"args": asdict(script_args), **results}
+
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    plot_length_prediction(results, output_dir / PLOT_NAME)
+    print(format_length_prediction_table(results))
+    print(f"Wrote {output_dir / RESULTS_NAME} and {output_dir / PLOT_NAME}")
+    return results
+
+
+def _load_records(path: str):
+    # A rollout directory has its own layout (shards of chunks); a file or a glob goes to the json builder.
+    if Path(path).is_dir():
+        return load_rollouts(path)
+    return load_dataset("json", data_files=path, split="train")
+
+
+if __name__ == "__main__":
+    parser = TrlParser(EvalLengthPredictionArguments)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)
