@@ -27,6 +27,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import set_seed
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
@@ -40,6 +41,7 @@ from trl.trainer.utils import (
 )
 
 from ..core import compute_gae
+from ..modeling import freeze_model
 from .utils import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -236,8 +238,8 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _freeze(model: nn.Module) -> nn.Module:
-    """The one place a frozen model (reference, reward model) is made: eval mode, no gradients, no dropout."""
-    model.eval().requires_grad_(False)
+    """A frozen reference or reward model: [`~lenvm_rl.modeling.freeze_model`] (eval, no gradients), no dropout."""
+    freeze_model(model)
     disable_dropout_in_model(model)
     return model
 
@@ -502,9 +504,15 @@ class PPOTrainer(Trainer):
         config = copy.deepcopy(policy.config)
         config.num_labels = 1
         value_model = AutoModelForSequenceClassification.from_config(config)
-        backbone = getattr(value_model, value_model.base_model_prefix)
-        backbone.load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
-        nn.init.zeros_(value_model.score.weight)
+        gathered = nullcontext()
+        if is_deepspeed_zero3_enabled():  # from_config built it sharded (zero.Init): gather its weights to write them
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(value_model.parameters()), modifier_rank=0)
+        with gathered:
+            backbone = getattr(value_model, value_model.base_model_prefix)
+            backbone.load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
+            nn.init.zeros_(value_model.score.weight)
         return value_model.to(device=policy.device, dtype=policy.dtype)
 
     # ------------------------------------------------------------------ the update loop
@@ -572,16 +580,21 @@ class PPOTrainer(Trainer):
         return self._finalize_training(trial, self.state.global_step * self.batch_size, start_time)
 
     def _prepare_frozen_models(self):
-        """Place the reference and reward models; under ZeRO-3 shard them for inference (after the policy's prepare)."""
-
-        def place(model: nn.Module) -> nn.Module:
-            if self.is_deepspeed_enabled:
-                return prepare_deepspeed(model, self.accelerator)
-            return model.to(self.accelerator.device)
-
+        """Place the reference and reward models (subclasses add theirs, e.g. the LenVM)."""
         if self.ref_model is not None:
-            self.ref_model = place(self.ref_model)
-        self.reward_funcs = [place(func) if isinstance(func, nn.Module) else func for func in self.reward_funcs]
+            self.ref_model = self._place_frozen_model(self.ref_model)
+        self.reward_funcs = [
+            self._place_frozen_model(func) if isinstance(func, nn.Module) else func for func in self.reward_funcs
+        ]
+
+    def _place_frozen_model(self, model: nn.Module) -> nn.Module:
+        """A frozen model on this process's device; under DeepSpeed, an inference engine (sharded with ZeRO-3).
+
+        Called after the policy's `accelerator.prepare`, which fills the DeepSpeed config's "auto" values.
+        """
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(model, self.accelerator)
+        return model.to(self.accelerator.device)
 
     def get_rollout_inputs(self, update: int) -> list[dict[str, Any]]:
         """This process's dataset rows for `update`: a slice of a seeded per-epoch permutation of the dataset.
