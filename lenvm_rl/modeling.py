@@ -43,7 +43,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import ModelOutput
 
 from .core import values_to_lengths
 
@@ -63,8 +62,12 @@ LENVM_FORMAT_VERSION = 1
 
 
 @dataclass
-class LengthValueModelOutput(ModelOutput):
+class LengthValueModelOutput:
     """Output of [`LengthValueModel.forward`].
+
+    A plain dataclass, not a `transformers.utils.ModelOutput`: a ModelOutput is a dict, and a field named
+    ``values`` would hide ``dict.values()``, which DDP (``find_unused_parameters``) and DeepSpeed call on dict
+    outputs. Dataclass outputs are traversed field by field instead.
 
     Args:
         values (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):

@@ -357,8 +357,8 @@ class LenVMPPOTrainer(PPOTrainer):
         """
         C = batch["context_length"]
         chunk = self.args.local_rollout_forward_batch_size
-        # A DeepSpeed engine walks the outputs with `.values()`, which `LengthValueModelOutput.values` shadows; the
-        # wrapped module keeps ZeRO-3's gathering hooks (they sit on its submodules), so call it directly.
+        # The engine's module keeps ZeRO-3's gathering hooks (they sit on its submodules); calling it directly skips
+        # the engine's output post-processing, which an inference-only model does not need.
         lenvm = self.lenvm.module if self.is_deepspeed_enabled else self.lenvm
         length_values = []
         for i in range(0, len(batch["query_responses"]), chunk):
