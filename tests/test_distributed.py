@@ -145,3 +145,31 @@ def test_zero3_shards_the_lenvm_and_matches_the_unsharded_values(lenvm_dir, tmp_
                 values = lenvm(record["query_responses"], attention_mask=mask).values[:, C - 1 :]
             torch.testing.assert_close(record["length_values"], values, atol=1e-5, rtol=1e-5)
     assert prompts[0] != prompts[1]
+
+
+def test_lenvm_trainer_ddp_step_equals_one_process_on_the_union(tmp_path):
+    """LenVMTrainer under DDP: the loss is normalised by the target count of both ranks, so one step on 2 x 2
+    sequences gives the parameters of a single-process step on the same 4 sequences."""
+    from test_lenvm_trainer import make_records, tiny_args
+
+    from lenvm_rl.trainers.lenvm import LenVMTrainer
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED")}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    script = ROOT / "tests" / "scripts" / "lenvm_trainer_distributed.py"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_ddp.yaml")]
+    command += ["--main_process_port", str(free_port()), str(script), "--output_dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.splitlines()
+    assert {line for line in lines if line.startswith("done rank=")} == {"done rank=0", "done rank=1"}, proc.stderr[
+        -4000:
+    ]
+    assert {line for line in lines if line.startswith("world ")} == {"world rank=0 2", "world rank=1 2"}
+    checksums = {line.split()[1]: float(line.split()[2]) for line in lines if line.startswith("checksum ")}
+    assert checksums["rank=0"] == checksums["rank=1"]  # the ranks really synchronised
+
+    model = LengthValueModel.from_backbone(make_tiny_causal_lm("qwen2", seed=3), gamma=0.9)
+    args = tiny_args(tmp_path / "single", per_device_train_batch_size=4, max_steps=1)
+    LenVMTrainer(model, args=args, train_dataset=make_records(num=8)).train()
+    single = sum(p.detach().double().sum().item() for p in model.parameters())
+    assert abs(single - checksums["rank=0"]) < 1e-6 * max(1.0, abs(single))
