@@ -15,13 +15,18 @@ from .core import (  # noqa: F401
 )
 from .data import DEFAULT_INSTRUCTION, load_gsm8k, make_conversational_prompt, prepare_prompt_dataset  # noqa: F401
 from .evaluation import evaluate_length_prediction, format_length_prediction_table, plot_length_prediction  # noqa: F401
+from .guidance import LengthGuidanceConfig, generate_with_length_guidance, guided_generate_completions  # noqa: F401
+from .length_tokens import completion_td_residuals, count_length_tokens, length_tokens_html, top_length_tokens  # noqa: F401
 from .metrics import (  # noqa: F401
     PromptBoundaryMRE,
     constant_baseline_value,
     fit_prompt_length_regression,
+    length_deviation,
+    length_score,
     predict_prompt_length_regression,
     prompt_boundary_mre,
     relative_length_error_at_fractions,
+    token_budget_curve,
     value_mse,
 )
 from .modeling import LengthValueModel, LengthValueModelOutput, check_tokenizers_compatible, freeze_model  # noqa: F401

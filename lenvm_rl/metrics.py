@@ -303,3 +303,117 @@ def _log_prompt_length_design(prompt_lengths: torch.Tensor | Sequence[int]) -> t
     if prompt_lengths.ndim != 1 or bool((prompt_lengths < 1).any()):
         raise ValueError("prompt lengths must be a 1-D sequence of values >= 1")
     return torch.stack([torch.ones_like(prompt_lengths), prompt_lengths.log()], dim=1)  # (N, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Length control and token budgets (LenVM-guided decoding, `lenvm_rl.guidance`)
+#
+# LIFEBench-style scores of hard length constraints and the hard token-budget baseline of the trade-off curve
+# (method doc section 5). Lengths are generated tokens, stop token included.
+
+__all__ += ["length_deviation", "length_score", "token_budget_curve"]
+
+LengthConstraint = Literal["equal_to", "at_most", "at_least"]
+
+
+def length_deviation(
+    output_lengths: torch.Tensor | Sequence[int], target_lengths: torch.Tensor | Sequence[int] | int
+) -> torch.Tensor:
+    """Relative length deviation of each sample, ``LD = (L_out - T) / T`` (LIFEBench; method doc section 5).
+
+    Args:
+        output_lengths (`torch.Tensor` or `Sequence[int]`):
+            ``(N,)`` generated lengths ``L_out``.
+        target_lengths (`torch.Tensor`, `Sequence[int]` or `int`):
+            ``(N,)`` (or one) target lengths ``T > 0``.
+
+    Returns:
+        `torch.Tensor`: ``(N,)`` float64 deviations; negative when the output is too short.
+
+    Example:
+        >>> length_deviation([8, 16, 24], 16)
+        tensor([-0.5000,  0.0000,  0.5000], dtype=torch.float64)
+    """
+    output_lengths = torch.as_tensor(output_lengths).to(torch.float64)
+    target_lengths = torch.as_tensor(target_lengths).to(torch.float64).expand_as(output_lengths)
+    if bool((target_lengths <= 0).any()):
+        raise ValueError("target lengths must be > 0")
+    return (output_lengths - target_lengths) / target_lengths
+
+
+def length_score(
+    output_lengths: torch.Tensor | Sequence[int],
+    target_lengths: torch.Tensor | Sequence[int] | int,
+    constraint: LengthConstraint,
+) -> torch.Tensor:
+    """LIFEBench Length Score of each sample (method doc section 5), in ``(0, 100]``.
+
+    With ``LD = (L_out - T) / T``:
+
+        LS = 100 * exp(5 * LD)     if LD < 0 and the constraint is "equal_to" or "at_least" (too short)
+        LS = 100 * exp(-2 * LD)    if LD > 0 and the constraint is "equal_to" or "at_most"  (too long)
+        LS = 100                   otherwise (on target, or on the allowed side of the bound)
+
+    Average over samples for the benchmark score.
+
+    Args:
+        output_lengths (`torch.Tensor` or `Sequence[int]`):
+            ``(N,)`` generated lengths.
+        target_lengths (`torch.Tensor`, `Sequence[int]` or `int`):
+            ``(N,)`` (or one) target lengths ``T > 0``.
+        constraint (`str`):
+            ``"equal_to"``, ``"at_most"`` or ``"at_least"``.
+
+    Returns:
+        `torch.Tensor`: ``(N,)`` float64 scores.
+
+    Example:
+        >>> length_score([8, 16, 24], 16, "equal_to")  # 100 e^-2.5, 100, 100 e^-1
+        tensor([  8.2085, 100.0000,  36.7879], dtype=torch.float64)
+        >>> length_score([8, 24], 16, "at_most"), length_score([8, 24], 16, "at_least")
+        (tensor([100.0000,  36.7879], dtype=torch.float64), tensor([  8.2085, 100.0000], dtype=torch.float64))
+    """
+    if constraint not in ("equal_to", "at_most", "at_least"):
+        raise ValueError(f"constraint must be 'equal_to', 'at_most' or 'at_least', got {constraint!r}")
+    deviations = length_deviation(output_lengths, target_lengths)
+    scores = torch.full_like(deviations, 100.0)
+    if constraint != "at_most":
+        scores = torch.where(deviations < 0, 100.0 * torch.exp(5.0 * deviations), scores)
+    if constraint != "at_least":
+        scores = torch.where(deviations > 0, 100.0 * torch.exp(-2.0 * deviations), scores)
+    return scores
+
+
+def token_budget_curve(
+    lengths: torch.Tensor | Sequence[int],
+    correct: torch.Tensor | Sequence[bool],
+    budgets: torch.Tensor | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and mean tokens of the hard token-budget baseline (paper section 5).
+
+    Each completion is cut at ``B`` tokens: it costs ``min(L, B)`` tokens and counts as correct only if it was
+    correct and finished within the budget (``L <= B``; a truncated answer counts as wrong).
+
+        mean_tokens(B) = mean_i min(L_i, B)        accuracy(B) = mean_i [correct_i and L_i <= B]
+
+    Args:
+        lengths (`torch.Tensor` or `Sequence[int]`):
+            ``(N,)`` lengths of the unconstrained completions.
+        correct (`torch.Tensor` or `Sequence[bool]`):
+            ``(N,)`` whether each unconstrained completion is correct.
+        budgets (`torch.Tensor` or `Sequence[int]`):
+            ``(K,)`` token budgets.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ``mean_tokens`` and ``accuracy``, both ``(K,)`` float64.
+
+    Example:
+        >>> token_budget_curve([2, 4, 8], [True, True, False], budgets=[4, 8])
+        (tensor([3.3333, 4.6667], dtype=torch.float64), tensor([0.6667, 0.6667], dtype=torch.float64))
+    """
+    lengths = torch.as_tensor(lengths).to(torch.float64)  # (N,)
+    correct = torch.as_tensor(correct).bool()  # (N,)
+    budgets = torch.as_tensor(budgets).to(torch.float64)  # (K,)
+    mean_tokens = torch.minimum(lengths[None, :], budgets[:, None]).mean(dim=1)  # (K,)
+    accuracy = (correct[None, :] & (lengths[None, :] <= budgets[:, None])).to(torch.float64).mean(dim=1)  # (K,)
+    return mean_tokens, accuracy

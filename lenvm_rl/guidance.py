@@ -1,0 +1,630 @@
+"""LenVM-guided decoding: steer a causal LM's output length with a Length Value Model (paper section 5).
+
+At every step the policy's next-token distribution is cut to a candidate set (top-k, then top-p and min-p), the
+LenVM scores every candidate ``x`` with the value of the state after it, ``v(x) = V(s_t + x)`` (a stop-token
+candidate gets exactly 0: the episode ends there), and one candidate is chosen:
+
+- ``"tilt"``: sample from ``p'(x) ∝ p(x) exp(beta * u(x))`` with ``u(x) = -v(x) = 1 - gamma^l(x)`` in ``[0, 1)``,
+  as in the reference implementation; ``beta < 0`` favours shorter continuations, ``beta = 0`` is the base
+  model's sampling, bit for bit.
+- ``"equal_to"`` (target ``T``): the candidate whose value is closest to ``v* = -(1 - gamma^max(T - t, 0))``,
+  where ``t`` counts the generated tokens *including* the candidate. Sign convention: our values are the
+  negative returns ``V = -(1 - gamma^l)``, so ``v*`` is the value of a state with exactly ``T - t`` tokens left
+  (the method doc writes the same target in ``u``-space, ``1 - gamma^(T - t)``). A stop token chosen as token
+  ``T`` has value 0 = ``v*``, so ``L = T`` is reachable exactly.
+- ``"at_most"`` / ``"at_least"`` (target ``T``): the reference rule picks the candidate with the shortest (longest)
+  predicted continuation at every step, which meets the bound trivially (At Most stops as soon as a stop token
+  enters the candidate set). Here the policy keeps its own choice (sampled or greedy, as configured) among the
+  candidates whose predicted total length ``t + l(x)`` still meets the bound, and the reference rule applies only
+  when no candidate does. ``l(x) = log(1 + v(x)) / log(gamma)``.
+
+Cost and cache strategy. The LenVM keeps a key/value cache of the prefix, in lockstep with the policy's. Each
+step scores all ``k`` candidates of all rows in ONE forward of shape ``(B, k)`` against that cache: the ``k``
+candidates sit at the same position and a 4D attention mask lets each attend to the prefix and to itself only
+(the tree mask of the reference SGLang fork). A candidate's keys/values are then exactly those a plain forward
+of that token would have produced, so the cache is extended by *keeping the chosen candidate's column* and
+dropping the others: no second LenVM forward per step, and no copy of the prefix cache per candidate (the
+alternative, repeating the cache ``k`` times, is measured in ``benchmarks/guided_decoding.py``).
+
+Rows are left-padded and position ids count real tokens only (for the policy and the LenVM), so a row gets the
+same tokens alone or in a batch (deterministic modes; sampled modes share one generator across rows). A row
+that emits a stop token or reaches ``max_new_tokens`` leaves the batch.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from .core import lengths_to_values, values_to_lengths
+from .generation import _left_pad, _select_cache
+from .modeling import LengthValueModel
+
+__all__ = [
+    "GuidedGeneration",
+    "LengthGuidanceConfig",
+    "candidate_set",
+    "generate_with_length_guidance",
+    "guided_generate_completions",
+    "keep_chosen_candidates",
+    "score_candidates",
+    "score_candidates_by_reencoding",
+    "select_candidates",
+]
+
+GuidanceMode = Literal["none", "tilt", "equal_to", "at_most", "at_least"]
+CONSTRAINT_MODES = ("equal_to", "at_most", "at_least")
+
+
+@dataclass
+class LengthGuidanceConfig:
+    r"""
+    Configuration of [`generate_with_length_guidance`].
+
+    Parameters:
+        mode (`str`, *optional*, defaults to `"tilt"`):
+            `"none"` (the base model's sampling from the candidate set, no LenVM), `"tilt"` (exponential tilting
+            with `beta`), or a hard length constraint `"equal_to"`, `"at_most"`, `"at_least"` (needs target
+            lengths).
+        beta (`float`, *optional*, defaults to `0.0`):
+            Tilt strength: `p'(x) ∝ p(x) exp(beta * (1 - gamma^l(x)))`; negative shortens, `0` is the base model.
+        max_new_tokens (`int`, *optional*, defaults to `256`):
+            Length cap; a row cut there has `finish_reason="length"`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of the policy's logits; `0` chooses greedily (argmax of the, possibly tilted,
+            candidate distribution). The `"equal_to"` rule is deterministic at any temperature.
+        top_k (`int`, *optional*, defaults to `8`):
+            Candidates per step (the LenVM scores every one): the `top_k` most likely tokens.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus filter inside the top-k set (on the temperature-scaled distribution); `1.0` keeps all.
+        min_p (`float`, *optional*, defaults to `0.0`):
+            Drops candidates with probability below `min_p` times the top probability; `0.0` keeps all.
+        stop_token_ids (`list[int]` or `None`, *optional*, defaults to `None`):
+            Tokens that end a row (their candidate value is 0); `None` takes the policy's
+            `generation_config.eos_token_id`.
+    """
+
+    mode: GuidanceMode = field(
+        default="tilt",
+        metadata={"help": "none | tilt | equal_to | at_most | at_least.", "choices": list(GuidanceMode.__args__)},
+    )
+    beta: float = field(
+        default=0.0, metadata={"help": "Tilt strength; negative shortens, 0 is the base model's sampling."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Length cap (finish_reason='length')."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; 0 chooses greedily."})
+    top_k: int = field(default=8, metadata={"help": "Candidates per step, all scored by the LenVM."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the top-k set; 1.0 keeps all."})
+    min_p: float = field(default=0.0, metadata={"help": "Drop candidates below min_p * top probability."})
+    stop_token_ids: list[int] | None = field(
+        default=None, metadata={"help": "Stop tokens (value 0); default: the policy's generation_config.eos_token_id."}
+    )
+
+    def __post_init__(self):
+        if self.mode not in GuidanceMode.__args__:
+            raise ValueError(f"--mode must be one of {GuidanceMode.__args__}, got {self.mode!r}")
+        if self.top_k < 1:
+            raise ValueError(f"--top_k must be at least 1 (the LenVM scores a finite candidate set), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"--min_p must be in [0, 1), got {self.min_p}")
+
+
+@dataclass
+class GuidedGeneration:
+    """
+    Output of [`generate_with_length_guidance`], one entry per input row.
+
+    Parameters:
+        completion_ids (`list[list[int]]`):
+            Generated token ids, the stop token included when one was produced.
+        finish_reasons (`list[str]`):
+            `"stop"` or `"length"`.
+        prompt_values (`torch.Tensor` or `None`):
+            `(B,)` LenVM value `V(s_0)` at the last prompt token; `None` without a LenVM.
+        values (`list[list[float]]` or `None`):
+            LenVM value of the state after each generated token (0 after a stop token); `None` without a LenVM.
+    """
+
+    completion_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_values: torch.Tensor | None = None
+    values: list[list[float]] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Candidates and selection (pure torch)
+
+
+def candidate_set(
+    logits: torch.Tensor, top_k: int, top_p: float = 1.0, min_p: float = 0.0, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The candidate tokens of one decoding step and their temperature-scaled log-probabilities.
+
+    The `top_k` most likely tokens, in descending order, then top-p and min-p inside them (on the
+    temperature-scaled distribution; temperature `0` filters at temperature 1). A dropped candidate keeps its id
+    and gets log-probability `-inf`; the most likely token is never dropped.
+
+    Args:
+        logits (`torch.Tensor`):
+            `(B, V)` next-token logits.
+        top_k (`int`):
+            Candidates per row, at most `V`.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Keep the smallest prefix of candidates whose probability reaches `top_p`.
+        min_p (`float`, *optional*, defaults to `0.0`):
+            Drop candidates with probability below `min_p` times the top probability.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `candidate_ids` `(B, k)` long and `candidate_logprobs` `(B, k)`
+        float32, normalised over the kept candidates.
+
+    Example:
+        >>> ids, logprobs = candidate_set(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), top_k=3, min_p=0.3)
+        >>> ids.tolist(), logprobs.isfinite().tolist()
+        ([[1, 3, 2]], [[True, True, False]])
+    """
+    top_k = min(top_k, logits.size(-1))
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B, V)
+    top_logits, candidate_ids = scaled.topk(top_k, dim=-1)  # (B, k), descending
+    probs = top_logits.softmax(dim=-1)  # (B, k) renormalised over the top-k
+    drop = torch.zeros_like(probs, dtype=torch.bool)
+    if top_p < 1.0:
+        # Drop a candidate when the candidates ranked above it already reach top_p.
+        drop |= probs.cumsum(dim=-1) - probs >= top_p
+    if min_p > 0.0:
+        drop |= probs < min_p * probs[:, :1]
+    drop[:, 0] = False
+    return candidate_ids, top_logits.masked_fill(drop, float("-inf")).log_softmax(dim=-1)
+
+
+def select_candidates(
+    candidate_logprobs: torch.Tensor,
+    values: torch.Tensor | None,
+    mode: GuidanceMode,
+    gamma: float | None = None,
+    beta: float = 0.0,
+    steps: torch.Tensor | None = None,
+    target_lengths: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    Choose one candidate per row (paper section 5).
+
+    - `"none"`: sample from the candidate distribution (argmax at temperature 0).
+    - `"tilt"`: the same on `log p(x) + beta * u(x)` with `u(x) = -v(x) = 1 - gamma^l(x)`; with `beta = 0` this
+      is exactly `"none"` (adding 0 changes no bit).
+    - `"equal_to"`: `argmin_x |v(x) - v*|` with `v* = -(1 - gamma^max(T - t, 0))`, `t = steps + 1` the generated
+      tokens including the candidate.
+    - `"at_most"` / `"at_least"`: the base choice among candidates with `t + l(x) <= T` (`>= T`), where
+      `l(x) = log(1 + v(x)) / log(gamma)`; the largest (smallest) value when no candidate qualifies.
+
+    Args:
+        candidate_logprobs (`torch.Tensor`):
+            `(B, k)` temperature-scaled log-probabilities, `-inf` for dropped candidates.
+        values (`torch.Tensor` or `None`):
+            `(B, k)` LenVM values of the candidates (0 for stop tokens); unused for `"none"`.
+        mode (`str`):
+            One of `"none"`, `"tilt"`, `"equal_to"`, `"at_most"`, `"at_least"`.
+        gamma (`float`, *optional*):
+            The LenVM's discount; needed by the constraint modes.
+        beta (`float`, *optional*, defaults to `0.0`):
+            Tilt strength.
+        steps (`torch.Tensor`, *optional*):
+            `(B,)` tokens generated so far (before the candidate); needed by the constraint modes.
+        target_lengths (`torch.Tensor`, *optional*):
+            `(B,)` target lengths `T` in tokens, stop token included; needed by the constraint modes.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            `0` takes the argmax instead of sampling.
+        generator (`torch.Generator`, *optional*):
+            Source of randomness.
+
+    Returns:
+        `torch.Tensor`: `(B,)` index of the chosen candidate in each row.
+
+    Example:
+        >>> logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+        >>> values = torch.tensor([[-0.75, -0.5, 0.0]])  # 2, 1 and 0 tokens left at gamma = 0.5
+        >>> select_candidates(logprobs, values, "equal_to", 0.5, steps=torch.tensor([3]),
+        ...                   target_lengths=torch.tensor([5])).tolist()  # 5 - 4 = 1 token left after it
+        [1]
+    """
+    valid = candidate_logprobs.isfinite()  # (B, k)
+    if mode in ("none", "tilt"):
+        scores = candidate_logprobs if mode == "none" else candidate_logprobs + beta * (-values)
+        return _sample(scores, temperature, generator)
+    if mode not in CONSTRAINT_MODES:
+        raise ValueError(f"unknown guidance mode {mode!r}")
+    if values is None or gamma is None or steps is None or target_lengths is None:
+        raise ValueError(f"mode={mode!r} needs candidate values, gamma, steps and target_lengths")
+    remaining = (target_lengths - (steps + 1)).clamp(min=0)  # (B,) tokens left after the candidate
+    if mode == "equal_to":
+        target_values = lengths_to_values(remaining.to(values.dtype), gamma).to(values.dtype)  # (B,)
+        distance = (values - target_values[:, None]).abs().masked_fill(~valid, float("inf"))
+        return distance.argmin(dim=-1)
+    predicted = values_to_lengths(values.double(), gamma)  # (B, k) predicted tokens left after the candidate
+    feasible = predicted <= remaining[:, None] if mode == "at_most" else predicted >= remaining[:, None]
+    feasible &= valid
+    base = _sample(candidate_logprobs.masked_fill(~feasible, float("-inf")), temperature, generator)
+    extreme_values = values.masked_fill(~valid, -math.inf if mode == "at_most" else math.inf)
+    extreme = extreme_values.argmax(dim=-1) if mode == "at_most" else extreme_values.argmin(dim=-1)
+    return torch.where(feasible.any(dim=-1), base, extreme)
+
+
+def _sample(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    # Rows without a finite score (only reachable through masking) fall back to the first candidate.
+    scores = torch.where(scores.isfinite().any(dim=-1, keepdim=True), scores, torch.zeros_like(scores))
+    probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # (B, k), softmax up to normalisation
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Candidate scoring against the LenVM cache
+
+
+def score_candidates(
+    lenvm: LengthValueModel,
+    candidate_ids: torch.Tensor,
+    past_key_values: DynamicCache,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    stop_token_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    LenVM values of every candidate, in one forward of `(B, k)` tokens against the cached prefix.
+
+    All `k` candidates of a row sit at the row's next position; a 4D mask lets each attend to the prefix (its
+    real tokens) and to itself, never to the other candidates. The forward appends the `k` candidate columns to
+    `past_key_values`; call [`keep_chosen_candidates`] next to keep only the chosen one.
+
+    Args:
+        lenvm ([`LengthValueModel`]):
+            The LenVM.
+        candidate_ids (`torch.Tensor`):
+            `(B, k)` candidate token ids.
+        past_key_values (`transformers.DynamicCache`):
+            The LenVM's cache of the `(B, P)` prefix.
+        attention_mask (`torch.Tensor`):
+            `(B, P)` 1 on real prefix columns, 0 on padding.
+        position_ids (`torch.Tensor`):
+            `(B,)` position id of the next token of each row (its count of real prefix tokens).
+        stop_token_ids (`torch.Tensor`, *optional*):
+            Ids whose candidates get value exactly 0 (the state after a stop token is terminal).
+
+    Returns:
+        `torch.Tensor`: `(B, k)` float32 values.
+    """
+    B, k = candidate_ids.shape
+    dtype = next(lenvm.backbone.parameters()).dtype
+    prefix = attention_mask.bool()[:, None, None, :].expand(B, 1, k, attention_mask.size(1))  # (B, 1, k, P)
+    own = torch.eye(k, dtype=torch.bool, device=candidate_ids.device).expand(B, 1, k, k)  # (B, 1, k, k)
+    allowed = torch.cat([prefix, own], dim=-1)  # (B, 1, k, P + k)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=candidate_ids.device)
+    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)  # additive: works for eager and sdpa
+    values = lenvm(
+        candidate_ids,
+        attention_mask=mask,
+        position_ids=position_ids[:, None].expand(B, k),
+        past_key_values=past_key_values,
+        use_cache=True,
+    ).values  # (B, k)
+    return _force_stop_values(values, candidate_ids, stop_token_ids)
+
+
+def keep_chosen_candidates(past_key_values: DynamicCache, choices: torch.Tensor, num_candidates: int) -> None:
+    """
+    Drop the candidate columns [`score_candidates`] appended to the cache, except each row's chosen one.
+
+    The chosen candidate's keys and values are those of a plain forward of that token (it attended to the prefix
+    and itself only), so this is the cache extended by the chosen token, in place.
+
+    Args:
+        past_key_values (`transformers.DynamicCache`):
+            Cache of `P` prefix columns followed by `num_candidates` candidate columns.
+        choices (`torch.Tensor`):
+            `(B,)` index of the chosen candidate of each row.
+        num_candidates (`int`):
+            `k`, the number of candidate columns.
+    """
+    for layer in past_key_values.layers:
+        P = layer.keys.size(2) - num_candidates
+        index = (P + choices)[:, None, None, None].expand(-1, layer.keys.size(1), 1, layer.keys.size(3))
+        layer.keys = torch.cat([layer.keys[:, :, :P], layer.keys.gather(2, index)], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :P], layer.values.gather(2, index)], dim=2)
+
+
+@torch.no_grad()
+def score_candidates_by_reencoding(
+    lenvm: LengthValueModel,
+    prefix_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    stop_token_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    The naive reference of [`score_candidates`]: re-encode the whole prefix once per candidate, no cache.
+
+    Args:
+        lenvm ([`LengthValueModel`]):
+            The LenVM.
+        prefix_ids (`torch.Tensor`):
+            `(B, P)` left-padded prefixes (prompt and generated tokens).
+        attention_mask (`torch.Tensor`):
+            `(B, P)` 1 on real tokens.
+        candidate_ids (`torch.Tensor`):
+            `(B, k)` candidate ids.
+        stop_token_ids (`torch.Tensor`, *optional*):
+            Ids whose candidates get value 0.
+
+    Returns:
+        `torch.Tensor`: `(B, k)` float32 values.
+    """
+    B, k = candidate_ids.shape
+    input_ids = torch.cat([prefix_ids.repeat_interleave(k, dim=0), candidate_ids.reshape(B * k, 1)], dim=1)
+    mask = torch.nn.functional.pad(attention_mask.repeat_interleave(k, dim=0), (0, 1), value=1)  # (B * k, P + 1)
+    values = lenvm(input_ids, attention_mask=mask).values[:, -1].reshape(B, k)
+    return _force_stop_values(values, candidate_ids, stop_token_ids)
+
+
+def _force_stop_values(values: torch.Tensor, candidate_ids: torch.Tensor, stop_token_ids: torch.Tensor | None):
+    if stop_token_ids is None:
+        return values
+    return values.masked_fill(torch.isin(candidate_ids, stop_token_ids.to(candidate_ids.device)), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate_with_length_guidance(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    lenvm: LengthValueModel | None = None,
+    guidance_config: LengthGuidanceConfig | None = None,
+    target_lengths: int | list[int] | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> GuidedGeneration:
+    """
+    Generate completions of a left-padded batch, steering their lengths with a LenVM.
+
+    Each step: 1. candidate set from the policy's logits ([`candidate_set`]); 2. LenVM values of all candidates
+    in one cached forward ([`score_candidates`], stop tokens forced to 0); 3. choose ([`select_candidates`]);
+    4. extend the LenVM cache with the chosen column ([`keep_chosen_candidates`]) and run the policy on the
+    chosen token; 5. retire finished rows from both caches.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]):
+            The policy: a causal LM with a plain [`~transformers.DynamicCache`] (Llama, Qwen2, ...).
+        input_ids (`torch.Tensor`):
+            `(B, P)` prompt ids, left-padded.
+        attention_mask (`torch.Tensor`, *optional*):
+            `(B, P)` 1 on real tokens; defaults to all ones.
+        lenvm ([`LengthValueModel`], *optional*):
+            The LenVM, trained on this policy's completions with the same tokenizer; required unless
+            `mode="none"`.
+        guidance_config ([`LengthGuidanceConfig`], *optional*):
+            Mode and sampling settings; defaults to `LengthGuidanceConfig()`.
+        target_lengths (`int`, `list[int]` or `torch.Tensor`, *optional*):
+            Target length `T` (tokens, stop token included) of every row or of each row; required by the
+            constraint modes.
+        generator (`torch.Generator`, *optional*):
+            Source of randomness of the sampled modes.
+
+    Returns:
+        [`GuidedGeneration`]: completions, finish reasons and the LenVM values along them.
+    """
+    config = guidance_config or LengthGuidanceConfig()
+    device = input_ids.device
+    B = input_ids.size(0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.long()
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate_with_length_guidance needs left-padded prompts (the last column must be real).")
+    guided = config.mode != "none"
+    if guided and lenvm is None:
+        raise ValueError(f"mode={config.mode!r} needs a LenVM; pass `lenvm` or use mode='none'.")
+    if config.mode in CONSTRAINT_MODES:
+        if target_lengths is None:
+            raise ValueError(f"mode={config.mode!r} needs `target_lengths` (tokens, stop token included).")
+        target_lengths = torch.as_tensor(target_lengths, device=device).long().expand(B).clone()  # (B,)
+    stop_ids = config.stop_token_ids if config.stop_token_ids is not None else model.generation_config.eos_token_id
+    if stop_ids is None:
+        raise ValueError("No stop token: set `stop_token_ids` or the policy's generation_config.eos_token_id.")
+    stop_ids = torch.as_tensor(stop_ids, device=device).long().reshape(-1)
+    model.eval()
+
+    # 1. Prefill the policy and the LenVM on the prompts (padding-aware positions).
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P)
+    policy_cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=policy_cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]  # (B, V)
+    _check_plain_cache(policy_cache)
+    lenvm_cache, prompt_values = None, None
+    if guided:
+        lenvm.eval()
+        lenvm_cache = DynamicCache(config=lenvm.config)
+        prompt_values = lenvm(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=lenvm_cache,
+            use_cache=True,
+        ).values[:, -1]  # (B,)
+        _check_plain_cache(lenvm_cache)
+
+    rows = list(range(B))  # original index of each row in flight
+    next_positions = attention_mask.sum(dim=1)  # (B,)
+    completions: list[list[int]] = [[] for _ in range(B)]
+    values_out: list[list[float]] = [[] for _ in range(B)]
+    finish_reasons = [""] * B
+    stop_set = set(stop_ids.tolist())
+    while rows:
+        # 2. Candidates and their values.
+        candidate_ids, candidate_logprobs = candidate_set(
+            logits, config.top_k, config.top_p, config.min_p, config.temperature
+        )  # (b, k)
+        candidate_values = None
+        if guided:
+            candidate_values = score_candidates(
+                lenvm, candidate_ids, lenvm_cache, attention_mask, next_positions, stop_ids
+            )  # (b, k)
+        # 3. Choose one candidate per row.
+        steps = torch.tensor([len(completions[i]) for i in rows], device=device)  # (b,)
+        choices = select_candidates(
+            candidate_logprobs,
+            candidate_values,
+            config.mode,
+            gamma=lenvm.gamma if guided else None,
+            beta=config.beta,
+            steps=steps,
+            target_lengths=target_lengths[rows] if config.mode in CONSTRAINT_MODES else None,
+            temperature=config.temperature,
+            generator=generator,
+        )  # (b,)
+        next_tokens = candidate_ids.gather(1, choices[:, None])  # (b, 1)
+        # 4. Extend both caches with the chosen tokens.
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)  # (b, P + 1)
+        if guided:
+            keep_chosen_candidates(lenvm_cache, choices, candidate_ids.size(1))
+            chosen_values = candidate_values.gather(1, choices[:, None]).squeeze(1).tolist()
+        for j, (i, token) in enumerate(zip(rows, next_tokens.squeeze(1).tolist())):
+            completions[i].append(token)
+            if guided:
+                values_out[i].append(chosen_values[j])
+        # 5. Retire finished rows; the others run the policy on their new token.
+        done = [
+            j
+            for j, i in enumerate(rows)
+            if completions[i][-1] in stop_set or len(completions[i]) >= config.max_new_tokens
+        ]
+        for j in done:
+            finish_reasons[rows[j]] = "stop" if completions[rows[j]][-1] in stop_set else "length"
+        if done:
+            keep = torch.tensor([j for j in range(len(rows)) if j not in set(done)], dtype=torch.long, device=device)
+            rows = [rows[j] for j in keep.tolist()]
+            if not rows:
+                break
+            attention_mask, next_tokens, next_positions = attention_mask[keep], next_tokens[keep], next_positions[keep]
+            start = int((attention_mask.sum(dim=0) > 0).long().argmax())  # first column any row still attends to
+            attention_mask = attention_mask[:, start:]
+            _select_cache(policy_cache, keep, start)
+            if guided:
+                _select_cache(lenvm_cache, keep, start)
+        logits = model(
+            input_ids=next_tokens,
+            attention_mask=attention_mask,
+            position_ids=next_positions[:, None],
+            past_key_values=policy_cache,
+            use_cache=True,
+        ).logits[:, -1]  # (b, V)
+        next_positions = next_positions + 1
+    return GuidedGeneration(
+        completion_ids=completions,
+        finish_reasons=finish_reasons,
+        prompt_values=prompt_values,
+        values=values_out if guided else None,
+    )
+
+
+def _check_plain_cache(cache: DynamicCache) -> None:
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ValueError("Length guidance supports models with a plain DynamicCache (no sliding window).")
+
+
+def guided_generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts_messages: list[list[dict[str, str]]] | list[str],
+    lenvm: LengthValueModel | None = None,
+    guidance_config: LengthGuidanceConfig | None = None,
+    target_lengths: list[int] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> GuidedGeneration:
+    """
+    [`generate_with_length_guidance`] over a list of prompts: chat template, batches of similar length, one seed.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]):
+            The policy.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Its tokenizer (with a pad token); stop tokens default to its `eos_token_id` when the policy's
+            generation config has none.
+        prompts_messages (`list[list[dict[str, str]]]` or `list[str]`):
+            Conversational prompts (chat template with a generation prompt) or rendered strings.
+        lenvm ([`LengthValueModel`], *optional*):
+            The LenVM (required unless `mode="none"`).
+        guidance_config ([`LengthGuidanceConfig`], *optional*):
+            Mode and sampling settings.
+        target_lengths (`list[int]`, *optional*):
+            One target per prompt (constraint modes).
+        batch_size (`int`, *optional*, defaults to `32`):
+            Prompts per batch.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the generator shared by all batches.
+        progress (`bool`, *optional*, defaults to `False`):
+            Show a progress bar over batches.
+
+    Returns:
+        [`GuidedGeneration`]: in the order of `prompts_messages`.
+    """
+    config = guidance_config or LengthGuidanceConfig()
+    if config.stop_token_ids is None and model.generation_config.eos_token_id is None:
+        config = dataclasses.replace(config, stop_token_ids=[tokenizer.eos_token_id])
+    device = model.device
+    prompt_ids = [
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+        if not isinstance(prompt, str)
+        else tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for prompt in prompts_messages
+    ]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    N = len(prompt_ids)
+    completion_ids, finish_reasons, values = [None] * N, [None] * N, [None] * N
+    prompt_values = torch.zeros(N)
+    for start in tqdm(range(0, N, batch_size), desc="Guided generation", disable=not progress):
+        index = order[start : start + batch_size]
+        batch_ids, batch_mask = _left_pad([prompt_ids[i] for i in index], tokenizer.pad_token_id)
+        targets = None if target_lengths is None else [target_lengths[i] for i in index]
+        out = generate_with_length_guidance(
+            model, batch_ids.to(device), batch_mask.to(device), lenvm, config, targets, generator
+        )
+        for j, i in enumerate(index):
+            completion_ids[i], finish_reasons[i] = out.completion_ids[j], out.finish_reasons[j]
+            if out.values is not None:
+                values[i] = out.values[j]
+                prompt_values[i] = out.prompt_values[j]
+    guided = config.mode != "none"
+    return GuidedGeneration(
+        completion_ids=completion_ids,
+        finish_reasons=finish_reasons,
+        prompt_values=prompt_values if guided else None,
+        values=values if guided else None,
+    )

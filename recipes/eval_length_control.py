@@ -1,0 +1,228 @@
+"""Length control with a LenVM (paper section 5, LIFEBench token-level): Length Score with versus without guidance.
+
+    # the offline demo world (after `bash recipes/demo.sh`)
+    python recipes/eval_length_control.py --policy_path outputs/demo/world/policy --lenvm_path outputs/demo/lenvm \
+        --dataset_name outputs/demo/world/data --output_dir outputs/demo/length_control
+
+For every constraint (Equal To, At Most, At Least) and target length ``T`` (default 16 to 256 tokens, doubling:
+the demo policy's completions are ~50-300 tokens, so the grid straddles them), each held-out problem gets one
+completion
+
+- unguided: the policy's own sampling from the same candidate set (it cannot read a length instruction, so
+  this is what length control would be without the LenVM; one run serves every target);
+- guided: `lenvm_rl.guidance` with the constraint's mode and target ``T``;
+
+scored with the LIFEBench Length Score and Length Deviation (`lenvm_rl.metrics.length_score`,
+`length_deviation`) and with answer accuracy. Writes `length_control.json` and `length_control.png`.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+from lenvm_rl.data import load_gsm8k, make_conversational_prompt
+from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
+from lenvm_rl.metrics import length_deviation, length_score
+from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible
+from lenvm_rl.rewards import extract_gsm8k_answer
+
+CONSTRAINTS = ("equal_to", "at_most", "at_least")
+RESULTS_NAME, PLOT_NAME = "length_control.json", "length_control.png"
+
+
+@dataclass
+class EvalLengthControlArguments:
+    """Arguments of `recipes/eval_length_control.py`.
+
+    Parameters:
+        policy_path (`str`): The policy (causal LM directory with its tokenizer).
+        lenvm_path (`str`): A LenVM trained on that policy's completions.
+        output_dir (`str`): Where the JSON and the PNG go.
+        dataset_name (`str`): Problems with `question` and `answer` (a local directory, file or hub id).
+        dataset_split (`str`): Split of held-out problems.
+        num_problems (`int`): Problems evaluated (the first ones of the split).
+        target_lengths (`list[int]`): Target lengths `T` in tokens, stop token included.
+        constraints (`list[str]`): Any of equal_to, at_most, at_least.
+        system_prompt (`str` or `None`): System message of the prompts.
+        instruction (`str` or `None`): Text appended to each question.
+        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
+        top_k (`int`): Candidates per step.
+        top_p (`float`): Nucleus filter inside the candidates.
+        min_p (`float`): Min-p filter inside the candidates.
+        temperature (`float`): Sampling temperature of the unguided run and of At Most / At Least.
+        max_new_tokens (`int`): Length cap.
+        batch_size (`int`): Prompts per batch.
+        seed (`int`): Sampling seed.
+        num_threads (`int`): `torch.set_num_threads`.
+    """
+
+    policy_path: str = field(metadata={"help": "The policy (causal LM directory with its tokenizer)."})
+    lenvm_path: str = field(metadata={"help": "A LenVM trained on that policy's completions."})
+    output_dir: str = field(metadata={"help": "Where the JSON and the PNG go."})
+    dataset_name: str = field(
+        default="outputs/demo/world/data", metadata={"help": "Problems with question/answer (dir, file or hub id)."}
+    )
+    dataset_split: str = field(default="test", metadata={"help": "Split of held-out problems."})
+    num_problems: int = field(default=64, metadata={"help": "Problems evaluated (the first ones of the split)."})
+    target_lengths: list[int] = field(
+        default_factory=lambda: [16, 32, 64, 128, 256], metadata={"help": "Target lengths in tokens (EOS included)."}
+    )
+    constraints: list[str] = field(
+        default_factory=lambda: list(CONSTRAINTS), metadata={"help": "Any of equal_to, at_most, at_least."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message of the prompts."})
+    instruction: str | None = field(default=None, metadata={"help": "Text appended to each question."})
+    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
+    top_k: int = field(default=8, metadata={"help": "Candidates per step."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the candidates."})
+    min_p: float = field(default=0.0, metadata={"help": "Min-p filter inside the candidates."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (unguided, at_most, at_least)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    num_threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
+
+    def __post_init__(self):
+        unknown = set(self.constraints) - set(CONSTRAINTS)
+        if unknown:
+            raise ValueError(f"--constraints must be among {CONSTRAINTS}, got {sorted(unknown)}")
+        if not self.target_lengths or min(self.target_lengths) < 1:
+            raise ValueError("--target_lengths must be positive token counts")
+        if max(self.target_lengths) >= self.max_new_tokens:
+            raise ValueError("--max_new_tokens must exceed the largest target length (At Least needs room)")
+
+
+def summarize(tokenizer, completions, finish_reasons, golds, targets, constraint) -> dict:
+    """LIFEBench Length Score / Deviation, mean length, accuracy and truncated fraction of one run."""
+    lengths = torch.tensor([len(c) for c in completions])
+    scores, deviations = length_score(lengths, targets, constraint), length_deviation(lengths, targets)
+    return {
+        "length_score": float(scores.mean()),
+        "length_deviation": float(deviations.mean()),
+        "abs_length_deviation": float(deviations.abs().mean()),
+        "mean_length": float(lengths.double().mean()),
+        "accuracy": sum(a == g for a, g in zip(decode_answers(tokenizer, completions), golds)) / len(golds),
+        "fraction_truncated": sum(r == "length" for r in finish_reasons) / len(finish_reasons),
+    }
+
+
+def decode_answers(tokenizer, completions):
+    return [extract_gsm8k_answer(tokenizer.decode(c, skip_special_tokens=True)) for c in completions]
+
+
+def main(script_args: EvalLengthControlArguments) -> dict:
+    torch.set_num_threads(script_args.num_threads)
+    tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
+    lenvm = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).eval()
+    check_tokenizers_compatible(tokenizer, AutoTokenizer.from_pretrained(script_args.lenvm_path))
+    dataset = load_gsm8k(script_args.dataset_name, split=script_args.dataset_split)
+    dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
+    prompts = [
+        make_conversational_prompt(q, script_args.system_prompt, script_args.instruction) for q in dataset["question"]
+    ]
+    golds = [extract_gsm8k_answer(a) for a in dataset["answer"]]
+    sampling = dict(
+        top_k=script_args.top_k,
+        top_p=script_args.top_p,
+        min_p=script_args.min_p,
+        temperature=script_args.temperature,
+        max_new_tokens=script_args.max_new_tokens,
+    )
+    run = dict(batch_size=script_args.batch_size, seed=script_args.seed, progress=True)
+
+    # 1. Unguided: one run, scored against every target.
+    unguided = guided_generate_completions(
+        policy, tokenizer, prompts, None, LengthGuidanceConfig("none", **sampling), **run
+    )
+    # 2. Guided: one run per constraint and target.
+    results = {"args": asdict(script_args), "gamma": lenvm.gamma, "num_problems": len(prompts), "constraints": {}}
+    for constraint in script_args.constraints:
+        per_target = {}
+        for target in script_args.target_lengths:
+            config = LengthGuidanceConfig(constraint, **sampling)
+            guided = guided_generate_completions(
+                policy, tokenizer, prompts, lenvm, config, [target] * len(prompts), **run
+            )
+            per_target[str(target)] = {
+                "unguided": summarize(
+                    tokenizer, unguided.completion_ids, unguided.finish_reasons, golds, target, constraint
+                ),
+                "guided": summarize(
+                    tokenizer, guided.completion_ids, guided.finish_reasons, golds, target, constraint
+                ),
+            }
+            print(constraint, target, json.dumps(per_target[str(target)]))
+        results["constraints"][constraint] = {
+            "per_target": per_target,
+            "mean_length_score": {
+                side: sum(r[side]["length_score"] for r in per_target.values()) / len(per_target)
+                for side in ("unguided", "guided")
+            },
+        }
+
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    plot_length_control(results, output_dir / PLOT_NAME)
+    print(format_table(results))
+    print(f"Wrote {output_dir / RESULTS_NAME} and {output_dir / PLOT_NAME}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"{'constraint':<10} {'T':>5}  {'LS unguided':>11} {'LS guided':>9}  {'len unguided':>12} {'len guided':>10}"
+    ]
+    for constraint, block in results["constraints"].items():
+        for target, r in block["per_target"].items():
+            u, g = r["unguided"], r["guided"]
+            lines.append(
+                f"{constraint:<10} {target:>5}  {u['length_score']:>11.1f} {g['length_score']:>9.1f}  "
+                f"{u['mean_length']:>12.1f} {g['mean_length']:>10.1f}"
+            )
+        mean = block["mean_length_score"]
+        lines.append(f"{constraint:<10} {'mean':>5}  {mean['unguided']:>11.1f} {mean['guided']:>9.1f}")
+    return "\n".join(lines)
+
+
+def plot_length_control(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    constraints = list(results["constraints"])
+    fig, axes = plt.subplots(2, len(constraints), figsize=(4.5 * len(constraints), 7), squeeze=False)
+    for col, constraint in enumerate(constraints):
+        per_target = results["constraints"][constraint]["per_target"]
+        targets = [int(t) for t in per_target]
+        for side, style in (("unguided", "o--"), ("guided", "s-")):
+            scores = [per_target[str(t)][side]["length_score"] for t in targets]
+            lengths = [per_target[str(t)][side]["mean_length"] for t in targets]
+            axes[0, col].plot(targets, scores, style, label=side)
+            axes[1, col].plot(targets, lengths, style, label=side)
+        axes[1, col].plot(targets, targets, ":", color="gray", label="target")
+        for row in (0, 1):
+            axes[row, col].set_xscale("log", base=2)
+            axes[row, col].set_xlabel("target length T (tokens)")
+        axes[0, col].set_title(constraint.replace("_", " ").title())
+        axes[0, col].set_ylabel("Length Score")
+        axes[0, col].set_ylim(0, 105)
+        axes[1, col].set_yscale("log", base=2)
+        axes[1, col].set_ylabel("mean output length (tokens)")
+        axes[0, col].legend()
+    fig.suptitle(f"LenVM length control ({results['num_problems']} problems, gamma={results['gamma']:.4g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = TrlParser(EvalLengthControlArguments)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)

@@ -1,0 +1,196 @@
+"""Accuracy versus mean tokens: LenVM exponential tilting against a hard token budget (paper section 5).
+
+    # the offline demo world (after `bash recipes/demo.sh`)
+    python recipes/eval_tradeoff.py --policy_path outputs/demo/world/policy --lenvm_path outputs/demo/lenvm \
+        --dataset_name outputs/demo/world/data --output_dir outputs/demo/tradeoff
+
+Each held-out problem gets `num_samples` completions per tilt strength `beta` (``p'(x) ∝ p(x) exp(beta u(x))``,
+`lenvm_rl.guidance`; `beta = 0` is the untilted policy). The baseline cuts the `beta = 0` completions at a budget
+of `B` tokens and counts a cut answer as wrong (`lenvm_rl.metrics.token_budget_curve`). Each tilt point is compared
+with the budget curve at the same mean number of tokens (linear interpolation). Writes `tradeoff.json` and
+`tradeoff.png` (accuracy versus mean tokens, one curve each).
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+from lenvm_rl.data import load_gsm8k, make_conversational_prompt
+from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
+from lenvm_rl.metrics import token_budget_curve
+from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible
+from lenvm_rl.rewards import extract_gsm8k_answer
+
+RESULTS_NAME, PLOT_NAME = "tradeoff.json", "tradeoff.png"
+
+
+@dataclass
+class EvalTradeoffArguments:
+    """Arguments of `recipes/eval_tradeoff.py`.
+
+    Parameters:
+        policy_path (`str`): The policy (causal LM directory with its tokenizer).
+        lenvm_path (`str`): A LenVM trained on that policy's completions.
+        output_dir (`str`): Where the JSON and the PNG go.
+        dataset_name (`str`): Problems with `question` and `answer`.
+        dataset_split (`str`): Split of held-out problems.
+        num_problems (`int`): Problems evaluated.
+        num_samples (`int`): Completions per problem and beta.
+        betas (`list[float]`): Tilt strengths; 0 must be included (the budget baseline uses it).
+        budgets (`list[int]` or `None`): Token budgets of the baseline; default every 8 tokens up to the longest.
+        system_prompt (`str` or `None`): System message of the prompts.
+        instruction (`str` or `None`): Text appended to each question.
+        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
+        top_k (`int`): Candidates per step.
+        top_p (`float`): Nucleus filter inside the candidates.
+        min_p (`float`): Min-p filter inside the candidates.
+        temperature (`float`): Sampling temperature.
+        max_new_tokens (`int`): Length cap.
+        batch_size (`int`): Prompts per batch.
+        seed (`int`): Sampling seed.
+        num_threads (`int`): `torch.set_num_threads`.
+    """
+
+    policy_path: str = field(metadata={"help": "The policy (causal LM directory with its tokenizer)."})
+    lenvm_path: str = field(metadata={"help": "A LenVM trained on that policy's completions."})
+    output_dir: str = field(metadata={"help": "Where the JSON and the PNG go."})
+    dataset_name: str = field(default="outputs/demo/world/data", metadata={"help": "Problems with question/answer."})
+    dataset_split: str = field(default="test", metadata={"help": "Split of held-out problems."})
+    num_problems: int = field(default=200, metadata={"help": "Problems evaluated."})
+    num_samples: int = field(default=1, metadata={"help": "Completions per problem and beta."})
+    betas: list[float] = field(
+        default_factory=lambda: [0.0, -2.0, -5.0, -10.0, -20.0, -50.0],
+        metadata={"help": "Tilt strengths; must include 0 (the budget baseline cuts its completions)."},
+    )
+    budgets: list[int] | None = field(
+        default=None, metadata={"help": "Token budgets of the baseline; default every 8 tokens up to the longest."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message of the prompts."})
+    instruction: str | None = field(default=None, metadata={"help": "Text appended to each question."})
+    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
+    top_k: int = field(default=8, metadata={"help": "Candidates per step."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the candidates."})
+    min_p: float = field(default=0.0, metadata={"help": "Min-p filter inside the candidates."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    num_threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
+
+    def __post_init__(self):
+        if 0.0 not in self.betas:
+            raise ValueError("--betas must include 0.0: the token-budget baseline cuts the untilted completions")
+
+
+def main(script_args: EvalTradeoffArguments) -> dict:
+    torch.set_num_threads(script_args.num_threads)
+    tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
+    lenvm = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).eval()
+    check_tokenizers_compatible(tokenizer, AutoTokenizer.from_pretrained(script_args.lenvm_path))
+    dataset = load_gsm8k(script_args.dataset_name, split=script_args.dataset_split)
+    dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
+    questions = [q for q in dataset["question"] for _ in range(script_args.num_samples)]
+    golds = [extract_gsm8k_answer(a) for a in dataset["answer"] for _ in range(script_args.num_samples)]
+    prompts = [make_conversational_prompt(q, script_args.system_prompt, script_args.instruction) for q in questions]
+
+    # 1. One run per beta (beta = 0 is the untilted policy).
+    tilt = {}
+    for beta in sorted(script_args.betas, reverse=True):
+        config = LengthGuidanceConfig(
+            "tilt",
+            beta=beta,
+            top_k=script_args.top_k,
+            top_p=script_args.top_p,
+            min_p=script_args.min_p,
+            temperature=script_args.temperature,
+            max_new_tokens=script_args.max_new_tokens,
+        )
+        out = guided_generate_completions(
+            policy, tokenizer, prompts, lenvm, config, batch_size=script_args.batch_size, seed=script_args.seed,
+            progress=True,
+        )  # fmt: skip
+        lengths = [len(c) for c in out.completion_ids]
+        correct = [
+            extract_gsm8k_answer(tokenizer.decode(c, skip_special_tokens=True)) == gold and reason == "stop"
+            for c, gold, reason in zip(out.completion_ids, golds, out.finish_reasons)
+        ]
+        tilt[beta] = {"lengths": lengths, "correct": correct}
+        print(f"beta={beta}: accuracy {np.mean(correct):.3f}, mean tokens {np.mean(lengths):.1f}")
+
+    # 2. Token-budget baseline from the untilted completions.
+    base = tilt[0.0]
+    budgets = script_args.budgets or list(range(8, max(base["lengths"]) + 8, 8))
+    budget_tokens, budget_accuracy = token_budget_curve(base["lengths"], base["correct"], budgets)
+
+    # 3. Compare at matched mean tokens.
+    points = []
+    for beta, run in tilt.items():
+        mean_tokens, accuracy = float(np.mean(run["lengths"])), float(np.mean(run["correct"]))
+        matched = float(np.interp(mean_tokens, budget_tokens.numpy(), budget_accuracy.numpy()))
+        points.append(
+            {
+                "beta": beta,
+                "mean_tokens": mean_tokens,
+                "accuracy": accuracy,
+                "budget_accuracy_at_same_tokens": matched,
+                "accuracy_gain_over_budget": accuracy - matched,
+            }
+        )
+    results = {
+        "args": asdict(script_args),
+        "gamma": lenvm.gamma,
+        "num_completions": len(prompts),
+        "tilt": points,
+        "budget": {
+            "budgets": list(budgets),
+            "mean_tokens": budget_tokens.tolist(),
+            "accuracy": budget_accuracy.tolist(),
+        },
+    }
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    plot_tradeoff(results, output_dir / PLOT_NAME)
+    print(f"{'beta':>7} {'mean tokens':>11} {'accuracy':>8} {'budget acc.':>11}")
+    for p in points:
+        print(
+            f"{p['beta']:>7g} {p['mean_tokens']:>11.1f} {p['accuracy']:>8.3f} {p['budget_accuracy_at_same_tokens']:>11.3f}"
+        )
+    print(f"Wrote {output_dir / RESULTS_NAME} and {output_dir / PLOT_NAME}")
+    return results
+
+
+def plot_tradeoff(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    budget = results["budget"]
+    ax.plot(budget["mean_tokens"], budget["accuracy"], ".-", label="hard token budget (cut = wrong)")
+    points = sorted(results["tilt"], key=lambda p: p["mean_tokens"])
+    ax.plot([p["mean_tokens"] for p in points], [p["accuracy"] for p in points], "s-", label="LenVM tilt")
+    for p in points:
+        ax.annotate(f"β={p['beta']:g}", (p["mean_tokens"], p["accuracy"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("mean tokens per completion")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Accuracy vs length ({results['num_completions']} completions, gamma={results['gamma']:.4g})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = TrlParser(EvalTradeoffArguments)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)

@@ -1,0 +1,187 @@
+"""Length tokens (paper section 5): which tokens make a LenVM's predicted horizon jump, plus a per-token hover page.
+
+    python recipes/length_tokens.py --lenvm_path outputs/demo/lenvm --rollouts outputs/demo/rollouts/eval \
+        --output_dir outputs/demo/length_tokens
+
+Runs the LenVM over rollout records (`prompt_ids`, `completion_ids`, `finish_reason`), computes the TD residual of
+every completion token (`lenvm_rl.length_tokens.completion_td_residuals`; the value after a stop token is 0), and
+counts per token how often ``delta < -threshold`` (lengthens the predicted continuation) or ``delta > threshold``
+(shortens it). The default threshold is the paper's 0.01 at gamma = 0.997 rescaled to the LenVM's gamma
+(`default_length_token_threshold`), since residuals scale with ``1 - gamma``. Writes `length_tokens.json`,
+`length_tokens.csv`, `length_tokens.png` and `completion.html` (one completion, predicted remaining length on hover).
+"""
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from transformers import AutoTokenizer
+from trl import TrlParser
+
+from lenvm_rl.length_tokens import (
+    completion_td_residuals,
+    count_length_tokens,
+    default_length_token_threshold,
+    length_tokens_html,
+    top_length_tokens,
+)
+from lenvm_rl.modeling import LengthValueModel
+from lenvm_rl.rollouts import load_rollouts
+
+
+@dataclass
+class LengthTokensArguments:
+    """Arguments of `recipes/length_tokens.py`.
+
+    Parameters:
+        lenvm_path (`str`): Saved LenVM directory (with its tokenizer unless `tokenizer_path` is given).
+        rollouts (`str`): Rollout directory or jsonl file of records.
+        output_dir (`str`): Where the table, plot and HTML go.
+        tokenizer_path (`str` or `None`): Tokenizer directory; defaults to `lenvm_path`.
+        threshold (`float` or `None`): |delta| that counts; default 0.01 * (1 - gamma) / (1 - 0.997).
+        max_completions (`int`): Completions analysed (the first ones).
+        top_n (`int`): Tokens listed per direction.
+        min_count (`int`): Tokens seen fewer times are not ranked.
+        html_index (`int`): Which analysed completion the HTML page shows.
+        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
+        batch_size (`int`): Sequences per LenVM forward.
+    """
+
+    lenvm_path: str = field(metadata={"help": "Saved LenVM directory (with its tokenizer)."})
+    rollouts: str = field(metadata={"help": "Rollout directory or jsonl file of records."})
+    output_dir: str = field(metadata={"help": "Where the table, plot and HTML go."})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer directory; default lenvm_path."})
+    threshold: float | None = field(
+        default=None, metadata={"help": "|delta| that counts; default 0.01 * (1 - gamma) / (1 - 0.997)."}
+    )
+    max_completions: int = field(default=512, metadata={"help": "Completions analysed (the first ones)."})
+    top_n: int = field(default=20, metadata={"help": "Tokens listed per direction."})
+    min_count: int = field(default=5, metadata={"help": "Tokens seen fewer times are not ranked."})
+    html_index: int = field(default=0, metadata={"help": "Which analysed completion the HTML page shows."})
+    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per LenVM forward."})
+
+
+@torch.no_grad()
+def state_values_of(lenvm, records, batch_size: int) -> list[torch.Tensor]:
+    """``V(s_0) .. V(s_L)`` of each record: the values at the last prompt token and at every completion token."""
+    out = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        sequences = [r["prompt_ids"] + r["completion_ids"] for r in batch]
+        width = max(map(len, sequences))
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)  # right padding: values of real tokens unchanged
+        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, : len(seq)], attention_mask[i, : len(seq)] = torch.tensor(seq), 1
+        values = lenvm(input_ids, attention_mask=attention_mask).values.double()  # (B, T)
+        for i, r in enumerate(batch):
+            P, L = len(r["prompt_ids"]), len(r["completion_ids"])
+            out.append(values[i, P - 1 : P + L])  # (L + 1,)
+    return out
+
+
+def main(script_args: LengthTokensArguments) -> dict:
+    lenvm = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).eval()
+    tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_path or script_args.lenvm_path)
+    path = Path(script_args.rollouts)
+    dataset = load_rollouts(path) if path.is_dir() else load_dataset("json", data_files=str(path), split="train")
+    columns = ["prompt_ids", "completion_ids", "finish_reason"]
+    records = dataset.select(range(min(script_args.max_completions, len(dataset)))).select_columns(columns).to_list()
+    records = [r for r in records if r["prompt_ids"] and r["completion_ids"]]
+    gamma = lenvm.gamma
+    threshold = script_args.threshold if script_args.threshold is not None else default_length_token_threshold(gamma)
+
+    # 1. Values and residuals of every completion token.
+    state_values = state_values_of(lenvm, records, script_args.batch_size)
+    residuals = [
+        completion_td_residuals(v, gamma, terminated=r["finish_reason"] == "stop")
+        for v, r in zip(state_values, records)
+    ]
+    # 2. Count and rank.
+    stats = count_length_tokens([r["completion_ids"] for r in records], residuals, threshold)
+    all_residuals = torch.cat(residuals)
+
+    def rows(direction):
+        return [
+            {"token": tokenizer.convert_ids_to_tokens(token), "token_id": token, **entry,
+             "rate": entry[direction] / entry["count"]}
+            for token, entry in top_length_tokens(stats, direction, script_args.top_n, script_args.min_count)
+        ]  # fmt: skip
+
+    results = {
+        "args": asdict(script_args),
+        "gamma": gamma,
+        "threshold": threshold,
+        "num_completions": len(records),
+        "num_tokens": int(all_residuals.numel()),
+        "fraction_lengthen": float((all_residuals < -threshold).double().mean()),
+        "fraction_shorten": float((all_residuals > threshold).double().mean()),
+        "residual_quantiles": {f"{q:.0%}": float(all_residuals.quantile(q)) for q in (0.01, 0.05, 0.5, 0.95, 0.99)},
+        "lengthen": rows("lengthen"),
+        "shorten": rows("shorten"),
+    }
+
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "length_tokens.json").write_text(json.dumps(results, indent=2) + "\n")
+    with open(output_dir / "length_tokens.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["direction", "token", "token_id", "count", "lengthen", "shorten", "rate", "mean_delta"])
+        for direction in ("lengthen", "shorten"):
+            for r in results[direction]:
+                writer.writerow([direction, r["token"], r["token_id"], r["count"], r["lengthen"], r["shorten"],
+                                 f"{r['rate']:.4f}", f"{r['mean_delta']:.6f}"])  # fmt: skip
+    plot_length_tokens(results, output_dir / "length_tokens.png")
+
+    # 3. One completion as a hover page.
+    record, values = records[script_args.html_index], state_values[script_args.html_index]
+    if record["finish_reason"] == "stop":
+        values = values.clone()
+        values[-1] = 0.0
+    ids = record["completion_ids"]
+    pieces = [tokenizer.decode(ids[: i + 1])[len(tokenizer.decode(ids[:i])) :] for i in range(len(ids))]
+    page = length_tokens_html(
+        pieces, values, gamma, threshold, title="LenVM: predicted remaining length per token",
+        prompt=tokenizer.decode(record["prompt_ids"]),
+    )  # fmt: skip
+    (output_dir / "completion.html").write_text(page)
+
+    print(f"gamma {gamma:.4g}, threshold |delta| > {threshold:.4g}; {results['num_tokens']} tokens of "
+          f"{len(records)} completions: {results['fraction_lengthen']:.2%} lengthen, "
+          f"{results['fraction_shorten']:.2%} shorten")  # fmt: skip
+    for direction in ("lengthen", "shorten"):
+        print(f"\nmost often {direction}:\n{'token':<16} {'count':>6} {direction:>9} {'rate':>6} {'mean delta':>11}")
+        for r in results[direction]:
+            print(f"{r['token']!r:<16} {r['count']:>6} {r[direction]:>9} {r['rate']:>6.2f} {r['mean_delta']:>11.4f}")
+    print(f"\nWrote {output_dir}/length_tokens.{{json,csv,png}} and {output_dir}/completion.html")
+    return results
+
+
+def plot_length_tokens(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * max(len(results["lengthen"]), len(results["shorten"]), 5) + 1.5))
+    for ax, direction, color in zip(axes, ("lengthen", "shorten"), ("tab:red", "tab:green")):
+        rows = results[direction][::-1]
+        ax.barh([repr(r["token"]) for r in rows], [r[direction] for r in rows], color=color)
+        ax.set_xlabel(
+            f"occurrences with {'delta < -' if direction == 'lengthen' else 'delta > '}{results['threshold']:.3g}"
+        )
+        ax.set_title(f"tokens that most often {direction} the predicted length")
+    fig.suptitle(f"LenVM length tokens ({results['num_tokens']} tokens, gamma={results['gamma']:.4g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = TrlParser(LengthTokensArguments)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)

@@ -1,0 +1,422 @@
+"""LenVM-guided decoding (`lenvm_rl.guidance`), length-control metrics and length tokens, on tiny real models."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from transformers import DynamicCache
+
+from lenvm_rl.core import lengths_to_values
+from lenvm_rl.generation import _left_pad
+from lenvm_rl.guidance import (
+    LengthGuidanceConfig,
+    candidate_set,
+    generate_with_length_guidance,
+    guided_generate_completions,
+    keep_chosen_candidates,
+    score_candidates,
+    score_candidates_by_reencoding,
+    select_candidates,
+)
+from lenvm_rl.length_tokens import (
+    completion_td_residuals,
+    count_length_tokens,
+    default_length_token_threshold,
+    length_tokens_html,
+    top_length_tokens,
+)
+from lenvm_rl.metrics import length_deviation, length_score, token_budget_curve
+from lenvm_rl.modeling import LengthValueModel
+
+EOS = 1
+SMALL_VOCAB = 8  # every token is a candidate at top_k = 8, so the stop token always is one
+PROMPTS = [[5, 6, 7, 3, 2], [4, 3], [6, 2, 5]]
+
+
+def make_lenvm(arch="llama", seed=1, vocab_size=None, gamma=0.9, head_scale=1.0, constant=None):
+    """A real LenVM on a tiny random backbone. `constant` fixes every value to -sigmoid(constant) (zero head)."""
+    lenvm = LengthValueModel.from_backbone(make_tiny_causal_lm(arch, vocab_size=vocab_size, seed=seed), gamma=gamma)
+    with torch.no_grad():
+        if constant is None:
+            lenvm.v_head.summary.weight.normal_(std=head_scale, generator=torch.Generator().manual_seed(seed))
+        else:
+            lenvm.v_head.summary.weight.zero_()
+            lenvm.v_head.summary.bias.fill_(constant)
+    return lenvm.eval()
+
+
+def padded(prompts=PROMPTS):
+    return _left_pad(prompts, pad_token_id=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Candidate scoring
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cached_scoring_equals_reencoding(arch):
+    lenvm = make_lenvm(arch)
+    input_ids, attention_mask = padded()
+    cache = DynamicCache(config=lenvm.config)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    candidates = torch.randint(2, 100, (3, 5), generator=torch.Generator().manual_seed(0))
+    candidates[1, 2] = EOS
+    with torch.no_grad():
+        lenvm(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cached = score_candidates(lenvm, candidates, cache, attention_mask, attention_mask.sum(1), torch.tensor([EOS]))
+        naive = score_candidates_by_reencoding(lenvm, input_ids, attention_mask, candidates, torch.tensor([EOS]))
+    assert cached.dtype == naive.dtype == torch.float32
+    torch.testing.assert_close(cached, naive, atol=1e-5, rtol=0)
+    assert cached[1, 2] == 0.0 and naive[1, 2] == 0.0  # the stop-token candidate is exactly 0
+    assert bool((cached.flatten()[torch.arange(15) != 7] < 0).all())
+
+    # Keeping the chosen column equals a plain cached forward of the chosen token: the next step scores the same.
+    choices = torch.tensor([0, 4, 2])
+    keep_chosen_candidates(cache, choices, num_candidates=5)
+    chosen = candidates.gather(1, choices[:, None])  # (3, 1)
+    extended_ids, extended_mask = (
+        torch.cat([input_ids, chosen], 1),
+        torch.nn.functional.pad(attention_mask, (0, 1), value=1),
+    )
+    more = torch.randint(2, 100, (3, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cached = score_candidates(lenvm, more, cache, extended_mask, extended_mask.sum(1))
+        naive = score_candidates_by_reencoding(lenvm, extended_ids, extended_mask, more)
+    torch.testing.assert_close(cached, naive, atol=1e-5, rtol=0)
+
+
+def test_stop_candidate_value_is_zero_during_generation():
+    policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB, seed=0)
+    lenvm = make_lenvm(vocab_size=SMALL_VOCAB, head_scale=3.0)
+    input_ids, attention_mask = padded()
+    config = LengthGuidanceConfig(mode="tilt", beta=-1.0, top_k=8, max_new_tokens=30, stop_token_ids=[EOS])
+    out = generate_with_length_guidance(
+        policy, input_ids, attention_mask, lenvm, config, generator=torch.Generator().manual_seed(0)
+    )
+    for ids, values, reason in zip(out.completion_ids, out.values, out.finish_reasons):
+        assert len(values) == len(ids)
+        assert all(v < 0 for v in values[:-1])
+        assert (values[-1] == 0.0) == (reason == "stop")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Selection rules
+
+
+def test_candidate_set_filters():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.3, 0.15]]))
+    ids, logprobs = candidate_set(logits, top_k=3)
+    assert ids.tolist() == [[1, 2, 3]]
+    torch.testing.assert_close(logprobs.exp(), torch.tensor([[0.5, 0.3, 0.15]]) / 0.95)
+    _, logprobs = candidate_set(logits, top_k=4, top_p=0.7)  # 0.5 < 0.7 <= 0.5 + 0.3: two candidates
+    assert logprobs.isfinite().tolist() == [[True, True, False, False]]
+    _, logprobs = candidate_set(logits, top_k=4, min_p=0.35)  # keep p >= 0.35 * 0.5
+    assert logprobs.isfinite().tolist() == [[True, True, False, False]]
+
+
+def test_tilt_matches_formula():
+    """p'(x) ∝ p(x) exp(beta * u(x)), u = -V: the empirical frequencies of 20k draws match it."""
+    p = torch.tensor([0.5, 0.3, 0.2])
+    values = torch.tensor([-0.8, -0.2, 0.0])
+    beta = -3.0
+    expected = p * torch.exp(beta * -values)
+    expected = expected / expected.sum()
+    n = 20000
+    choices = select_candidates(
+        p.log().expand(n, 3), values.expand(n, 3), "tilt", beta=beta, generator=torch.Generator().manual_seed(0)
+    )
+    frequencies = torch.bincount(choices, minlength=3) / n
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+
+
+def test_equal_to_picks_candidate_nearest_target_value():
+    gamma = 0.9
+    values = lengths_to_values(torch.tensor([[10.0, 4.0, 7.0, 0.0]]), gamma).float()  # predicted tokens left
+    logprobs = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    for generated, target, expected in [(0, 8, 2), (3, 8, 1), (7, 8, 3), (0, 30, 0), (20, 8, 3)]:
+        # v* = -(1 - gamma^max(T - t, 0)) with t = generated + 1 (the candidate counts)
+        choice = select_candidates(
+            logprobs, values, "equal_to", gamma, steps=torch.tensor([generated]), target_lengths=torch.tensor([target])
+        )
+        target_value = -(1 - gamma ** max(target - (generated + 1), 0))
+        nearest = int((values[0] - target_value).abs().argmin())
+        assert int(choice) == nearest == expected
+
+
+def test_at_most_and_at_least_rules():
+    gamma = 0.9
+    values = lengths_to_values(torch.tensor([[10.0, 4.0, 0.0]]), gamma).float()
+    logprobs = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+
+    def choose(mode, generated, target):
+        return int(
+            select_candidates(
+                logprobs,
+                values,
+                mode,
+                gamma,
+                steps=torch.tensor([generated]),
+                target_lengths=torch.tensor([target]),
+                temperature=0.0,
+            )
+        )
+
+    assert choose("at_most", 0, 20) == 0  # the policy's own choice still fits: 1 + 10 <= 20
+    assert choose("at_most", 0, 8) == 1  # 1 + 10 > 8 >= 1 + 4: most likely feasible candidate
+    assert choose("at_most", 5, 3) == 2  # nothing else fits: the shortest continuation (the stop token)
+    assert choose("at_least", 0, 3) == 0
+    assert choose("at_least", 0, 8) == 0  # 1 + 10 >= 8
+    assert choose("at_least", 0, 30) == 0  # nothing reaches 30: the longest continuation
+    assert choose("at_least", 5, 6) == 0  # the stop token (6 tokens) is feasible but least likely
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_beta_zero_reproduces_base_sampling_bit_for_bit():
+    policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB, seed=0)
+    lenvm = make_lenvm(vocab_size=SMALL_VOCAB, head_scale=3.0)
+    input_ids, attention_mask = padded()
+    for top_k, top_p, min_p in [(8, 1.0, 0.0), (5, 0.9, 0.05)]:
+        runs = {}
+        for mode in ("none", "tilt"):
+            config = LengthGuidanceConfig(
+                mode=mode, beta=0.0, top_k=top_k, top_p=top_p, min_p=min_p, max_new_tokens=40, stop_token_ids=[EOS]
+            )
+            runs[mode] = generate_with_length_guidance(
+                policy, input_ids, attention_mask, lenvm if mode == "tilt" else None, config,
+                generator=torch.Generator().manual_seed(123),
+            )  # fmt: skip
+        assert runs["tilt"].completion_ids == runs["none"].completion_ids
+        assert runs["tilt"].finish_reasons == runs["none"].finish_reasons
+        assert len({len(c) for c in runs["none"].completion_ids}) > 1  # a real test: rows stop at different steps
+
+
+def test_unguided_greedy_equals_transformers_generate():
+    policy = make_tiny_causal_lm("qwen2", seed=3)
+    prompt = torch.tensor([[5, 9, 14, 22]])
+    config = LengthGuidanceConfig(mode="none", temperature=0.0, max_new_tokens=12, stop_token_ids=[EOS])
+    ours = generate_with_length_guidance(policy, prompt, None, None, config).completion_ids[0]
+    reference = policy.generate(prompt, do_sample=False, max_new_tokens=12, eos_token_id=EOS, pad_token_id=0)
+    assert ours == reference[0, 4:].tolist()[: len(ours)]
+
+
+def test_negative_beta_shortens_expected_length():
+    """Constant LenVM (every non-stop value -0.5): tilting only reweights the stop token by exp(-beta / 2)."""
+    policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB, seed=0)
+    lenvm = make_lenvm(vocab_size=SMALL_VOCAB, constant=0.0)
+    input_ids = torch.tensor([[5, 6, 7]]).expand(48, 3)
+    mean_lengths = {}
+    for beta in (0.0, -4.0):
+        config = LengthGuidanceConfig(mode="tilt", beta=beta, top_k=8, max_new_tokens=64, stop_token_ids=[EOS])
+        out = generate_with_length_guidance(
+            policy, input_ids, None, lenvm, config, generator=torch.Generator().manual_seed(0)
+        )
+        mean_lengths[beta] = sum(map(len, out.completion_ids)) / len(out.completion_ids)
+    assert mean_lengths[-4.0] < 0.6 * mean_lengths[0.0]
+
+
+def test_equal_to_hits_target_exactly_with_constant_lenvm():
+    """Every non-stop value is -0.5 = value of 1 token left at gamma 0.5, so a row stops exactly at token T."""
+    policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB, seed=0)
+    lenvm = make_lenvm(vocab_size=SMALL_VOCAB, gamma=0.5, constant=0.0)
+    input_ids, attention_mask = padded()
+    config = LengthGuidanceConfig(mode="equal_to", top_k=8, max_new_tokens=40, stop_token_ids=[EOS])
+    out = generate_with_length_guidance(policy, input_ids, attention_mask, lenvm, config, target_lengths=[3, 9, 17])
+    assert [len(c) for c in out.completion_ids] == [3, 9, 17]
+    assert out.finish_reasons == ["stop"] * 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["none", "tilt", "equal_to", "at_most", "at_least"])
+def test_batched_left_padded_equals_per_row(arch, mode):
+    policy = make_tiny_causal_lm(arch, vocab_size=SMALL_VOCAB, seed=3)
+    lenvm = make_lenvm(arch, vocab_size=SMALL_VOCAB, head_scale=3.0, gamma=0.8)
+    config = LengthGuidanceConfig(
+        mode=mode, beta=-2.0, temperature=0.0, top_k=6, max_new_tokens=24, stop_token_ids=[EOS]
+    )
+    targets = [4, 10, 7]
+    input_ids, attention_mask = padded()
+    batched = generate_with_length_guidance(policy, input_ids, attention_mask, lenvm, config, targets)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate_with_length_guidance(policy, torch.tensor([prompt]), None, lenvm, config, targets[i])
+        assert batched.completion_ids[i] == alone.completion_ids[0]
+        if mode != "none":
+            torch.testing.assert_close(
+                torch.tensor(batched.values[i]), torch.tensor(alone.values[0]), atol=1e-5, rtol=0
+            )
+    if mode in ("equal_to", "at_most"):  # rows retire at different steps (greedy random models rarely stop)
+        assert len({len(c) for c in batched.completion_ids}) > 1
+
+
+def test_guided_generate_completions_keeps_prompt_order():
+    tokenizer = make_tiny_tokenizer()
+    policy = make_tiny_causal_lm(seed=0)
+    lenvm = make_lenvm()
+    prompts = [[{"role": "user", "content": q}] for q in ("how many apples ?", "what is 3 + 4 ?", "he has 5 pens")]
+    config = LengthGuidanceConfig(mode="equal_to", top_k=4, max_new_tokens=12, stop_token_ids=[EOS])
+    out = guided_generate_completions(policy, tokenizer, prompts, lenvm, config, [5, 6, 7], batch_size=2)
+    for prompt, target, completion in zip(prompts, [5, 6, 7], out.completion_ids):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+        alone = generate_with_length_guidance(policy, torch.tensor([ids]), None, lenvm, config, target)
+        assert completion == alone.completion_ids[0]
+
+
+def test_config_errors_name_the_flag():
+    with pytest.raises(ValueError, match="--top_k"):
+        LengthGuidanceConfig(top_k=0)
+    with pytest.raises(ValueError, match="--mode"):
+        LengthGuidanceConfig(mode="shorter")
+    policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB)
+    with pytest.raises(ValueError, match="target_lengths"):
+        generate_with_length_guidance(
+            policy, torch.tensor([[2, 3]]), None, make_lenvm(vocab_size=SMALL_VOCAB), LengthGuidanceConfig("equal_to")
+        )
+    with pytest.raises(ValueError, match="needs a LenVM"):
+        generate_with_length_guidance(policy, torch.tensor([[2, 3]]), None, None, LengthGuidanceConfig("tilt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Length-control metrics
+
+
+def test_length_score_and_deviation_by_hand():
+    outputs, target = torch.tensor([50, 100, 150]), 100
+    torch.testing.assert_close(length_deviation(outputs, target), torch.tensor([-0.5, 0.0, 0.5], dtype=torch.float64))
+    too_short, too_long = 100 * math.exp(5 * -0.5), 100 * math.exp(-2 * 0.5)
+    expected = {
+        "equal_to": [too_short, 100.0, too_long],
+        "at_most": [100.0, 100.0, too_long],
+        "at_least": [too_short, 100.0, 100.0],
+    }
+    for constraint, scores in expected.items():
+        torch.testing.assert_close(
+            length_score(outputs, target, constraint), torch.tensor(scores, dtype=torch.float64)
+        )
+    with pytest.raises(ValueError, match="constraint"):
+        length_score(outputs, target, "exactly")
+    with pytest.raises(ValueError, match="> 0"):
+        length_deviation([3], [0])
+
+
+def test_token_budget_curve_by_hand():
+    lengths, correct = [10, 20, 40, 80], [True, False, True, True]
+    mean_tokens, accuracy = token_budget_curve(lengths, correct, budgets=[10, 40, 1000])
+    torch.testing.assert_close(mean_tokens, torch.tensor([10.0, (10 + 20 + 40 + 40) / 4, 37.5], dtype=torch.float64))
+    torch.testing.assert_close(accuracy, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Length tokens
+
+
+def test_length_tokens_on_hand_built_values():
+    gamma = 0.5
+    # Remaining lengths 3, 2, 6 (token 1 lengthens by 5), 1 (token 2 shortens by 4), then the stop token.
+    state_values = lengths_to_values(torch.tensor([3.0, 2.0, 6.0, 1.0, 0.0], dtype=torch.float64), gamma)
+    residuals = completion_td_residuals(state_values, gamma)
+    expected = torch.tensor(
+        [
+            -(1 - gamma) + gamma * -(1 - gamma**2) + (1 - gamma**3),  # exact prediction: 0
+            -(1 - gamma) + gamma * -(1 - gamma**6) + (1 - gamma**2),
+            -(1 - gamma) + gamma * -(1 - gamma**1) + (1 - gamma**6),
+            -(1 - gamma) + 0.0 + (1 - gamma**1),  # the stop token closes the episode: 0
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(residuals, expected)
+    assert residuals[1] < -0.1 and residuals[2] > 0.1
+    stats = count_length_tokens([[11, 12, 13, 1]], [residuals], threshold=0.1)
+    assert stats[12]["lengthen"] == 1 and stats[13]["shorten"] == 1
+    assert stats[11]["lengthen"] == stats[11]["shorten"] == 0
+    assert [t for t, _ in top_length_tokens(stats, "lengthen")] == [12]
+    assert [t for t, _ in top_length_tokens(stats, "shorten")] == [13]
+    # Not terminated: the last state's value is kept, not forced to 0.
+    assert completion_td_residuals(state_values[:4], gamma, terminated=False)[-1] == residuals[2]
+    assert default_length_token_threshold(0.997) == pytest.approx(0.01)
+
+
+def test_length_tokens_html_escapes_text():
+    gamma = 0.9
+    pieces = ["<script>alert(1)</script>", ' & "quoted"', "\n'ok'"]
+    state_values = lengths_to_values(torch.tensor([3.0, 2.0, 9.0, 0.0]), gamma)
+    page = length_tokens_html(pieces, state_values, gamma, threshold=0.01, title="<b>t</b>", prompt="a < b")
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&amp; &quot;quoted&quot;" in page and "&lt;b&gt;t&lt;/b&gt;" in page and "a &lt; b" in page
+    assert page.count('class="tok"') == 3
+    assert "remaining after it ≈ 9.0 tokens" in page  # the hover text of the second token
+    with pytest.raises(ValueError, match="state values"):
+        length_tokens_html(pieces, state_values[:3], gamma, threshold=0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes end to end on tiny saved models
+
+
+@pytest.mark.slow
+def test_recipes_end_to_end(tmp_path):
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    tokenizer = make_tiny_tokenizer()
+    policy = make_tiny_causal_lm(seed=0)
+    policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = EOS, 0
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    make_lenvm(gamma=0.9).save_pretrained(tmp_path / "lenvm", tokenizer=tokenizer)
+    (tmp_path / "data").mkdir()
+    problems = [
+        {"question": f"he has {i} pens and gets {i + 1} more", "answer": f"#### {2 * i + 1}"} for i in range(6)
+    ]
+    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    g = torch.Generator().manual_seed(0)
+    records = [
+        {
+            "prompt_id": f"p{i // 3}", "prompt_ids": torch.randint(7, 100, (5,), generator=g).tolist(),
+            "completion_ids": torch.randint(7, 100, (4 + i,), generator=g).tolist() + [EOS], "finish_reason": "stop",
+        }
+        for i in range(9)
+    ]  # fmt: skip
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = dict(policy_path=str(tmp_path / "policy"), lenvm_path=str(tmp_path / "lenvm"),
+                  dataset_name=str(tmp_path / "data"), num_problems=6, max_new_tokens=20, batch_size=4, num_threads=1)  # fmt: skip
+
+    control = importlib.import_module("eval_length_control")
+    out = control.main(
+        control.EvalLengthControlArguments(output_dir=str(tmp_path / "lc"), target_lengths=[4, 8], **common)
+    )
+    assert set(out["constraints"]) == {"equal_to", "at_most", "at_least"}
+    assert (tmp_path / "lc" / "length_control.png").is_file()
+
+    tradeoff = importlib.import_module("eval_tradeoff")
+    out = tradeoff.main(tradeoff.EvalTradeoffArguments(output_dir=str(tmp_path / "to"), betas=[0.0, -5.0], **common))
+    assert len(out["tilt"]) == 2 and (tmp_path / "to" / "tradeoff.png").is_file()
+
+    predict = importlib.import_module("predict_length")
+    (tmp_path / "prompts.jsonl").write_text(
+        json.dumps({"question": "how many apples ?"})
+        + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "he"}]})
+        + "\n"
+    )
+    out = predict.main(
+        predict.PredictLengthArguments(lenvm_path=str(tmp_path / "lenvm"), input_file=str(tmp_path / "prompts.jsonl"))
+    )
+    assert len(out) == 2 and all(o["predicted_length"] > 0 for o in out)
+    out = predict.main(
+        predict.PredictLengthArguments(
+            lenvm_path=str(tmp_path / "lenvm"), eval_rollouts=str(tmp_path / "rollouts.jsonl")
+        )
+    )
+    assert out["num_prompts"] == 3
+
+    tokens = importlib.import_module("length_tokens")
+    out = tokens.main(tokens.LengthTokensArguments(lenvm_path=str(tmp_path / "lenvm"), rollouts=str(tmp_path / "rollouts.jsonl"),
+                                                   output_dir=str(tmp_path / "lt"), min_count=1))  # fmt: skip
+    assert out["num_tokens"] == sum(len(r["completion_ids"]) for r in records)
+    assert (tmp_path / "lt" / "completion.html").read_text().count('class="tok"') == len(records[0]["completion_ids"])
