@@ -32,5 +32,6 @@ from .metrics import (  # noqa: F401
 from .modeling import LengthValueModel, LengthValueModelOutput, check_tokenizers_compatible, freeze_model  # noqa: F401
 from .rewards import extract_gsm8k_answer, gsm8k_accuracy_reward, gsm8k_format_reward  # noqa: F401
 from .trainers.lenvm import LenVMConfig, LenVMTrainer  # noqa: F401
+from .trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer  # noqa: F401
 from .trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer  # noqa: F401
 from .trainers.ppo import PPOConfig, PPOTrainer  # noqa: F401

@@ -10,16 +10,19 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 from eval_length_prediction import EvalLengthPredictionArguments  # noqa: E402
+from grpo_gsm8k import GRPOScriptArguments  # noqa: E402
 from sample_rollouts import SampleRolloutsArguments  # noqa: E402
 from train_lenvm import TrainLenVMScriptArguments  # noqa: E402
 
 from lenvm_rl.trainers.lenvm import LenVMConfig  # noqa: E402
+from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig  # noqa: E402
 
 # Config name prefix -> the dataclasses its recipe parses.
 RECIPES = {
     "rollouts_": (SampleRolloutsArguments,),
     "lenvm_": (TrainLenVMScriptArguments, LenVMConfig, ModelConfig),
     "eval_length_": (EvalLengthPredictionArguments,),
+    "grpo_": (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig),
 }
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 

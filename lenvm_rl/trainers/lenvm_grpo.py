@@ -1,0 +1,451 @@
+"""LenVMGRPOConfig / LenVMGRPOTrainer: GRPO with a frozen Length Value Model as a per-token length critic.
+
+Method doc section 6 (paper appendix C): the objective becomes ``J = J_task + s * J_len``. GRPO has no task critic,
+so its sequence advantage ``A_seq`` (the group-normalised reward, one number per completion) stays as it is and the
+frozen LenVM adds a per-token length advantage:
+
+    delta_len_t = -(1 - gamma) + gamma * v(s_{t+1}) - v(s_t)            (v after EOS = 0)
+    A_len_t     = sum_i (gamma * lam)^i delta_len_{t+i}                  (lenvm_rl.core.length_advantages)
+    A_t         = A_seq + s * A_len_t / rms(A_len)                       (s = length_coef after its schedule)
+
+The subclass overrides three seams of TRL's GRPOTrainer and nothing else, so generation (every rollout path), the
+vLLM importance-sampling correction, KL, entropy masking and ``num_iterations`` stay TRL's:
+
+1. ``_generate``: records each completion's true length and whether it was cut at ``max_completion_length``.
+2. ``_generate_and_score_completions``: runs the LenVM on prompt + completion and adds ``length_advantages``, a
+   separate ``(B, T)`` key that travels with the batch through TRL's buffering, shuffling and slicing.
+3. ``compute_loss``: combines ``A_seq[:, None] + s * length_advantages`` on a shallow copy of the inputs.
+
+Why no potential-based shaping mode (the PPO trainer's `"shaping"`): GRPO's advantage is an undiscounted Monte-Carlo
+return with no critic, so the reward-to-go of the shaping terms ``Phi(s_{t+1}) - Phi(s_t)`` (discount 1, the
+objective's, as shaping requires) from token ``t`` of a finished completion telescopes to ``-Phi(s_t)``: a
+state-dependent baseline, whose expected policy gradient is zero. It would add variance, not credit; the additive
+advantage above is the length term that changes the objective.
+
+Checked against trl 1.16.0 (``pyproject.toml`` pins ``trl>=1.16,<1.17``): ``_generate(self, prompts)`` returns the
+8-tuple ``(prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`` with
+``completion_ids`` a list of token-id lists (EOS included when generated, no padding) on every rollout path;
+``_generate_and_score_completions(self, inputs)`` returns a dict with left-padded ``prompt_ids``/``prompt_mask``,
+right-padded ``completion_ids``/``completion_mask``, ``(B,)`` ``advantages``; ``_compute_loss`` accepts ``(B, T)``
+advantages. Re-check these three when moving the pin.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import prepare_deepspeed
+
+from ..core import length_advantages, lengths_to_values, values_to_lengths
+from ..modeling import LengthValueModel, check_tokenizers_compatible, freeze_model
+from .lenvm_ppo import LENGTH_COEF_SCHEDULES, add_length_advantages, scheduled_length_coef
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LenVMGRPOConfig", "LenVMGRPOTrainer"]
+
+
+@dataclass
+class LenVMGRPOConfig(GRPOConfig):
+    r"""
+    Configuration of [`LenVMGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus the length critic's knobs. With
+    `length_coef=0` (the default) training is exactly [`~trl.GRPOTrainer`]'s (same losses and parameters, bit for
+    bit); the LenVM then only feeds the `length/` metrics.
+
+    Loss types. Every loss type works with the per-token advantage except two options whose definition is
+    sequence-level and keyed on the *sign* of the advantage; with a per-token advantage that sign differs from token to
+    token, so they are refused when `length_coef != 0`:
+
+    - `loss_type="vespo"`: its Gamma weights are a per-sequence function of the sequence importance ratio, with
+      `k`/`lambda` picked by the advantage's sign; they would become per-token weights of a different objective.
+    - `off_policy_mask_threshold`: the off-policy *sequence* mask (DeepSeek-V3.2) drops whole negative-advantage
+      sequences; it would drop individual tokens instead.
+
+    `loss_type="sapo"` is allowed: its soft gate is already per token, and with a per-token advantage its temperature
+    (`sapo_temperature_pos` / `_neg`) follows each token's combined advantage. The `clip_ratio/*` metrics likewise
+    count tokens by the sign of their own advantage.
+
+    Parameters:
+        > Parameters that control the length critic
+
+        lenvm_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            Local directory of a LenVM ([`~lenvm_rl.LengthValueModel`] format or the reference format). Required
+            unless a model is passed to the trainer as `lenvm`.
+        lenvm_gamma (`float` or `None`, *optional*, defaults to `None`):
+            Discount the LenVM was trained with; needed for reference-format checkpoints (they do not store it, the
+            paper's released LenVMs use 0.997), checked against the stored value otherwise.
+        length_coef (`float`, *optional*, defaults to `0.0`):
+            `s` in `A = A_seq + s * A_len / rms(A_len)`. Positive values favour shorter completions, negative values
+            longer ones. Unitless: the scaled length advantage has unit root mean square over the generation batch's
+            real tokens, the scale of GRPO's group-normalised `A_seq` (with `scale_rewards="none"`, `A_seq` is in
+            reward units instead).
+        length_coef_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"` or `"linear"` (decays to 0 at the last optimizer step), after `length_coef_warmup_steps`.
+        length_coef_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which the coefficient rises linearly from 0.
+        length_gamma (`float` or `None`, *optional*, defaults to `None`):
+            Discount of the length advantage; `None` uses the LenVM's gamma (anything else mismatches its values).
+        length_lam (`float`, *optional*, defaults to `1.0`):
+            GAE lambda of the length advantage; 1 gives `A_len_t = G_t - v(s_t)` (realised minus predicted remaining
+            length, in value units), smaller values lean on the LenVM's own bootstrap.
+    """
+
+    lenvm_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local directory of a LenVM (lenvm-rl or reference format)."}
+    )
+    lenvm_gamma: float | None = field(
+        default=None, metadata={"help": "Discount the LenVM was trained with (needed for reference checkpoints)."}
+    )
+    length_coef: float = field(
+        default=0.0,
+        metadata={"help": "s in A = A_seq + s * A_len / rms(A_len); > 0 favours shorter completions, 0 is GRPO."},
+    )
+    length_coef_schedule: Literal["constant", "linear"] = field(
+        default="constant", metadata={"help": "Schedule of length_coef after warm-up: constant or linear decay."}
+    )
+    length_coef_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps over which length_coef rises linearly from 0."}
+    )
+    length_gamma: float | None = field(
+        default=None, metadata={"help": "Discount of the length advantage (None: the LenVM's gamma)."}
+    )
+    length_lam: float = field(default=1.0, metadata={"help": "GAE lambda of the length advantage."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.length_coef_schedule not in LENGTH_COEF_SCHEDULES:
+            raise ValueError(
+                f"--length_coef_schedule must be one of {LENGTH_COEF_SCHEDULES}, got {self.length_coef_schedule!r}"
+            )
+        if self.length_coef_warmup_steps < 0:
+            raise ValueError(f"--length_coef_warmup_steps must be >= 0, got {self.length_coef_warmup_steps}")
+        if not 0.0 <= self.length_lam <= 1.0:
+            raise ValueError(f"--length_lam must be in [0, 1], got {self.length_lam}")
+        for name in ("lenvm_gamma", "length_gamma"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"--{name} must be in (0, 1), got {value}")
+        if self.length_coef != 0.0:
+            if self.loss_type == "vespo":
+                raise ValueError(
+                    "--loss_type vespo weights whole sequences by the sign of their advantage, which a per-token "
+                    "length advantage does not have: use another --loss_type (e.g. dapo) or --length_coef 0."
+                )
+            if self.off_policy_mask_threshold is not None:
+                raise ValueError(
+                    "--off_policy_mask_threshold masks whole sequences by the sign of their advantage, which a "
+                    "per-token length advantage does not have: unset it or use --length_coef 0."
+                )
+
+
+class LenVMGRPOTrainer(GRPOTrainer):
+    r"""
+    GRPO with a frozen Length Value Model as a per-token length critic (method doc section 6), on TRL's
+    [`~trl.GRPOTrainer`]; a drop-in replacement that takes the same arguments plus `lenvm`.
+
+    The LenVM is loaded once, frozen with [`~lenvm_rl.freeze_model`] and placed like GRPO's reward models (a DeepSpeed
+    inference engine under DeepSpeed, sharded with ZeRO-3; `accelerator.prepare_model(..., evaluation_mode=True)`
+    otherwise). It never receives gradients, is not part of `self.model` nor of the optimizer, and is never written
+    into checkpoints.
+
+    Length advantage. For each completion of `L` tokens (EOS included) the LenVM reads prompt + completion with
+    padding-aware positions (`cumsum(mask) - 1`, so the left padding of prompts changes nothing); column `t` of the
+    `(B, T + 1)` values is the state `s_t` in which completion token `t` is chosen (position `prompt_end - 1 + t`),
+    column `L` the state after the last token. A completion that ended with EOS has `v = 0` after it; one cut at
+    `max_completion_length` bootstraps from the LenVM's value after the cut (it is never treated as finished).
+    The raw `A_len` ([`~lenvm_rl.core.length_advantages`], with `length_gamma` and `length_lam`) is divided by its
+    root mean square over the real tokens of the generation batch of *all* processes, without removing its mean
+    (the same normalisation as [`~lenvm_rl.LenVMPPOTrainer`], see [`~lenvm_rl.trainers.lenvm_ppo.add_length_advantages`]):
+    `s` is then the size of the length term relative to the unit-scale `A_seq`, and a token whose remainder was
+    shorter than the LenVM predicted always gets positive length credit. The scale is fixed per generation batch, so
+    every micro-batch and every one of the `num_iterations` passes uses the same advantages. With
+    `mask_truncated_completions=True` the cut completions leave both the loss and the scale.
+
+    Supported: every rollout path of `_generate` (transformers `generate`, continuous batching, vLLM colocate/server,
+    `rollout_func`), all loss types but those refused by [`LenVMGRPOConfig`], `num_iterations > 1`,
+    `mask_truncated_completions`, KL (`beta > 0`), PEFT, DDP and DeepSpeed (DDP and ZeRO-3 tested with 2 processes on
+    CPU; vLLM needs CUDA, its `_generate` output is tested through the same seam). Not supported (`ValueError`):
+    `tools` / `environment_factory` (tool responses are inserted into the completion, so its token count is no longer
+    the policy's episode length) and vision-language processors (the LenVM reads text token ids only). FSDP follows
+    the reward-model placement but is untested (no CPU backend).
+
+    Args:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes,
+        callbacks, optimizers, quantization_config, peft_config, rollout_func:
+            As in [`~trl.GRPOTrainer`]; `args` must be a [`LenVMGRPOConfig`].
+        tools, environment_factory:
+            Must be `None` (see above).
+        lenvm ([`~lenvm_rl.LengthValueModel`] or `str`, *optional*):
+            The LenVM or its local directory; defaults to `args.lenvm_model_name_or_path`. It reads the policy's
+            token ids, so its tokenizer (saved with it, or `lenvm_processing_class`) is checked against the policy's
+            with [`~lenvm_rl.check_tokenizers_compatible`].
+        lenvm_processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The LenVM's tokenizer, to check a LenVM passed as a model (a directory's own tokenizer is found there).
+
+    Attributes:
+        lenvm (`torch.nn.Module`): the placed, frozen [`~lenvm_rl.LengthValueModel`] (a DeepSpeed engine under
+            DeepSpeed). `lenvm_gamma`, `length_gamma`: the LenVM's and the advantage's discount.
+
+    Metrics (gathered over all processes, logged under `length/`):
+
+    - `length/response_tokens_mean`, `length/response_tokens_max`: completion length `L`, EOS included.
+    - `length/truncated_frac`: fraction of completions cut at `max_completion_length` without EOS.
+    - `length/predicted_tokens_mean`: mean of `values_to_lengths(v(s_0))`, the LenVM's predicted length at the prompt.
+    - `length/drift_ratio`: realised over predicted length, both averaged in value space (paper section 5), so a
+      calibrated LenVM gives 1; cut completions count `-(1 - gamma^L) + gamma^L v(s_L)`. Below 1: the policy has
+      become shorter than the LenVM expects.
+    - `length/advantages_mean`, `length/advantages_std`: raw `A_len` over the tokens that enter the loss (mean > 0:
+      shorter than predicted).
+    - `length/coef`: the coefficient `s` of the current optimizer step.
+    """
+
+    _tag_names = ["trl", "grpo", "lenvm-rl", "lenvm"]
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: LenVMGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        lenvm: LengthValueModel | str | None = None,
+        lenvm_processing_class: PreTrainedTokenizerBase | None = None,
+    ):
+        if not isinstance(args, LenVMGRPOConfig):
+            raise ValueError(f"LenVMGRPOTrainer needs a LenVMGRPOConfig as `args`, got {type(args).__name__}.")
+        if tools or environment_factory is not None:
+            raise ValueError(
+                "LenVMGRPOTrainer does not support `tools` or `environment_factory`: tool responses are inserted into "
+                "the completion, so its token count is no longer the policy's episode length that the LenVM predicts."
+            )
+        # Loaded before GRPOTrainer seeds the run; GRPOTrainer calls set_seed first, so the LenVM's construction cannot
+        # shift the seeded RNG stream either way (length_coef=0 reproduces GRPOTrainer bit for bit).
+        lenvm, lenvm_processing_class = _load_lenvm(args, lenvm, lenvm_processing_class)
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            rollout_func=rollout_func,
+        )
+        if self._is_vlm:
+            raise ValueError("LenVMGRPOTrainer supports text-only policies: the LenVM reads text token ids only.")
+        _check_lenvm_reads_policy_ids(lenvm, self._tokenizer, lenvm_processing_class)
+
+        self.lenvm_gamma = lenvm.gamma
+        self.length_gamma = args.length_gamma if args.length_gamma is not None else self.lenvm_gamma
+        if not math.isclose(self.length_gamma, self.lenvm_gamma, abs_tol=1e-9):
+            logger.warning(
+                "--length_gamma %s differs from the LenVM's gamma %s: the length advantage then mixes two horizons.",
+                self.length_gamma,
+                self.lenvm_gamma,
+            )
+        # Placed like GRPOTrainer's reward models. Under ZeRO-3 its forward is a collective: every process must call
+        # it the same number of times (see `compute_length_values`).
+        lenvm = freeze_model(lenvm)
+        if self.is_deepspeed_enabled:
+            self.lenvm = prepare_deepspeed(lenvm, self.accelerator)
+        else:
+            self.lenvm = self.accelerator.prepare_model(lenvm, evaluation_mode=True, device_placement=True)
+        self._rollout_lengths = None  # (lengths, terminated) of the last `_generate` call
+
+    def current_length_coef(self) -> float:
+        """The length coefficient `s` of the optimizer step in progress (`state.global_step` is its 0-based index)."""
+        args = self.args
+        return scheduled_length_coef(
+            self.state.global_step,
+            self.state.max_steps,
+            args.length_coef,
+            args.length_coef_schedule,
+            args.length_coef_warmup_steps,
+        )
+
+    # ------------------------------------------------------------------ 1. rollout
+
+    def _generate(self, prompts: list):
+        """[`~trl.GRPOTrainer._generate`], recording each completion's true length and whether it terminated.
+
+        This is the last place where both are known on every rollout path: `_generate_and_score_completions` pads
+        the completions (and with `pad_token == eos_token` a padded row looks finished) and may zero the mask of cut
+        completions (`mask_truncated_completions`). A completion is *cut* when it reached `max_completion_length`
+        without ending in an EOS (or padding) token, TRL's own truncation test; everything else terminated.
+        """
+        outputs = super()._generate(prompts)
+        completion_ids = outputs[1]
+        device = self.accelerator.device
+        stop_ids = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.long, device=device)  # (B,)
+        cut = [len(ids) >= self.max_completion_length and ids[-1] not in stop_ids for ids in completion_ids]
+        self._rollout_lengths = (lengths, ~torch.tensor(cut, dtype=torch.bool, device=device))
+        return outputs
+
+    # ------------------------------------------------------------------ 2. score: LenVM values and length advantages
+
+    @torch.no_grad()
+    def compute_length_values(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, response_mask
+    ) -> torch.Tensor:
+        """The frozen LenVM's values `(B, T + 1)` of the states `s_0 .. s_T` of each prompt + completion.
+
+        Prompts are left-padded to width `P`, so column `t` reads position `P - 1 + t` for every row. Positions
+        count real tokens only. Rows go through the LenVM in fixed chunks of the per-device batch size: every
+        process holds the same number of rows, so under ZeRO-3 all processes make the same number of (collective)
+        forward calls.
+        """
+        P = prompt_ids.size(1)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+        attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)  # (B, P + T)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P + T)
+        mode = "train" if self.model.training else "eval"
+        chunk = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        length_values = []
+        for i in range(0, input_ids.size(0), chunk):
+            rows = slice(i, i + chunk)
+            with self.accelerator.autocast():
+                values = self.lenvm(
+                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows]
+                ).values  # (b, P + T)
+            length_values.append(values[:, P - 1 :].float())  # (b, T + 1)
+        return torch.cat(length_values)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """[`~trl.GRPOTrainer._generate_and_score_completions`] plus `length_advantages` `(B, T)`.
+
+        `length_advantages` is `A_len / rms(A_len)` (0 outside the loss mask); the sequence `advantages` are left
+        untouched, so both can be logged and ablated. The coefficient is applied in [`compute_loss`].
+        """
+        output = super()._generate_and_score_completions(inputs)
+        lengths, terminated = self._rollout_lengths
+        self._rollout_lengths = None
+        completion_ids = output["completion_ids"]
+        columns = torch.arange(completion_ids.size(1), device=completion_ids.device)
+        # The true completion tokens: `completion_mask` may have been zeroed for cut rows, whose values still count.
+        response_mask = columns[None, :] < lengths[:, None]  # (B, T)
+        length_values = self.compute_length_values(
+            output["prompt_ids"], output["prompt_mask"], completion_ids, response_mask
+        )  # (B, T + 1)
+        raw_length_advantages = length_advantages(
+            length_values, response_mask, self.length_gamma, self.args.length_lam, terminated
+        )  # (B, T)
+        loss_mask = output["completion_mask"].bool()  # (B, T), without the cut rows under mask_truncated_completions
+        # add_length_advantages on a zero task advantage with s = 1 is exactly A_len / rms(A_len), the normalisation
+        # the PPO trainer uses, with the statistics reduced over all processes.
+        output["length_advantages"] = add_length_advantages(
+            torch.zeros_like(raw_length_advantages),
+            raw_length_advantages,
+            loss_mask,
+            coef=1.0,
+            all_reduce=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
+        )
+        self._log_length_metrics(lengths, terminated, length_values, raw_length_advantages, loss_mask)
+        return output
+
+    # ------------------------------------------------------------------ 3. loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPO's loss with the per-token advantage `A_seq[:, None] + s * length_advantages`.
+
+        The combination is made on a shallow copy of `inputs`, so the buffered batch that `num_iterations > 1`
+        re-serves keeps the separate terms. With `s = 0` the inputs are passed through unchanged (plain GRPO).
+        """
+        coef = self.current_length_coef()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["length/coef"].append(coef)
+        if coef != 0.0:
+            advantages = inputs["advantages"][:, None] + coef * inputs["length_advantages"]  # (B, T)
+            inputs = {**inputs, "advantages": advantages}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ 4. log
+
+    def _log_length_metrics(self, lengths, terminated, length_values, raw_length_advantages, loss_mask) -> None:
+        """Append the `length/` metrics of one generation batch (a collective: every process calls it)."""
+        mode = "train" if self.model.training else "eval"
+        metrics, gather, gamma = self._metrics[mode], self.accelerator.gather, self.lenvm_gamma
+        all_lengths = gather(lengths).double()
+        metrics["length/response_tokens_mean"].append(all_lengths.mean().item())
+        metrics["length/response_tokens_max"].append(all_lengths.max().item())
+        metrics["length/truncated_frac"].append(gather((~terminated).double()).mean().item())
+
+        length_values = length_values.double()
+        rows = torch.arange(len(lengths), device=lengths.device)
+        predicted = length_values[:, 0]  # (B,) v(s_0)
+        # Realised return from s_0; a cut completion keeps the LenVM's value after the cut.
+        tail = torch.where(terminated, torch.zeros_like(predicted), length_values[rows, lengths])
+        realised = lengths_to_values(lengths.double(), gamma) + torch.pow(gamma, lengths.double()) * tail  # (B,)
+        predicted, realised = gather(predicted), gather(realised)
+        metrics["length/predicted_tokens_mean"].append(values_to_lengths(predicted, gamma).mean().item())
+        predicted_length = values_to_lengths(predicted.mean(), gamma).clamp(min=1e-6)
+        metrics["length/drift_ratio"].append((values_to_lengths(realised.mean(), gamma) / predicted_length).item())
+
+        advantages = raw_length_advantages.double().masked_fill(~loss_mask, 0.0)
+        sums = torch.stack([advantages.sum(), (advantages**2).sum(), loss_mask.sum().double()])
+        total, squares, count = self.accelerator.reduce(sums, reduction="sum")
+        mean = total / count.clamp(min=1)
+        var = (squares - count * mean**2) / (count - 1).clamp(min=1)
+        metrics["length/advantages_mean"].append(mean.item())
+        metrics["length/advantages_std"].append(var.clamp(min=0).sqrt().item())
+
+
+def _load_lenvm(
+    args: LenVMGRPOConfig, lenvm, lenvm_processing_class
+) -> tuple[LengthValueModel, PreTrainedTokenizerBase | None]:
+    """The LenVM (from `lenvm=` or `--lenvm_model_name_or_path`) and its tokenizer if one is known."""
+    if lenvm is not None and args.lenvm_model_name_or_path is not None:
+        raise ValueError("Pass the LenVM either as `lenvm=` or as --lenvm_model_name_or_path, not both.")
+    lenvm = lenvm if lenvm is not None else args.lenvm_model_name_or_path
+    if lenvm is None:
+        raise ValueError(
+            "LenVMGRPOTrainer needs a LenVM: set --lenvm_model_name_or_path or pass `lenvm=` (use trl.GRPOTrainer "
+            "for plain GRPO)."
+        )
+    if isinstance(lenvm, str | os.PathLike):
+        path = lenvm
+        lenvm = LengthValueModel.from_pretrained(path, gamma=args.lenvm_gamma)
+        has_tokenizer = any(
+            os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
+        )
+        if lenvm_processing_class is None and has_tokenizer:
+            lenvm_processing_class = AutoTokenizer.from_pretrained(path)
+    elif not isinstance(lenvm, LengthValueModel):
+        raise ValueError(f"`lenvm` must be a LengthValueModel or a local directory, got {type(lenvm).__name__}.")
+    elif args.lenvm_gamma is not None and not math.isclose(args.lenvm_gamma, lenvm.gamma, abs_tol=1e-7):
+        raise ValueError(f"--lenvm_gamma {args.lenvm_gamma} differs from the given LenVM's gamma {lenvm.gamma}.")
+    return lenvm, lenvm_processing_class
+
+
+def _check_lenvm_reads_policy_ids(lenvm: LengthValueModel, tokenizer, lenvm_tokenizer) -> None:
+    num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
+    if num_embeddings < len(tokenizer):
+        raise ValueError(
+            f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has {len(tokenizer)}: the LenVM "
+            "reads the policy's ids, so use a LenVM trained with the policy's tokenizer."
+        )
+    if lenvm_tokenizer is not None:
+        check_tokenizers_compatible(tokenizer, lenvm_tokenizer)
+    else:
+        logger.warning(
+            "No tokenizer came with the LenVM: only its embedding size was checked against the policy's tokenizer. "
+            "Pass `lenvm_processing_class` to check the vocabularies."
+        )
