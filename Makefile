@@ -31,6 +31,8 @@ style: install
 
 bench: install
 	$(PY) benchmarks/lenvm_packing.py
+	$(PY) benchmarks/ppo_overhead.py
+	$(PY) benchmarks/guided_decoding.py
 
 quality: install
 	$(PY) -m ruff format --check lenvm_rl tests recipes benchmarks
