@@ -131,12 +131,13 @@ def test_loss_is_token_average_over_the_batch(lenvm):
             squared += (float(values[position]) - target) ** 2
             count += 1
     assert math.isclose(float(loss.detach()), squared / count, rel_tol=1e-5)
-    per_sequence_mean = sum(  # what a per-sequence average would give: must differ on this batch
-        sum((float(lenvm(input_ids=torch.tensor([e["input_ids"]])).values[0, p]) - t) ** 2 for p, t in pairs)
-        / len(pairs)
-        for e in examples
-        for pairs in [targets_by_hand(e, gamma)]
-    ) / len(examples)
+    with torch.no_grad():  # what a per-sequence average would give: must differ on this batch
+        per_sequence_mean = sum(
+            sum((float(lenvm(input_ids=torch.tensor([e["input_ids"]])).values[0, p]) - t) ** 2 for p, t in pairs)
+            / len(pairs)
+            for e in examples
+            for pairs in [targets_by_hand(e, gamma)]
+        ) / len(examples)
     assert not math.isclose(per_sequence_mean, squared / count, rel_tol=1e-3)
 
 
