@@ -5,6 +5,7 @@ so the updated parameters must equal a single-process step on the union of the t
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,8 +28,9 @@ def main():
     trainer.train()
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
-    print(f"world rank={rank} {world}", flush=True)
-    print(f"checksum rank={rank} {checksum:.12e}", flush=True)
+    # One file per rank: lines printed by two processes interleave in the shared stdout.
+    facts = Path(args.output_dir) / f"facts-rank{rank}.json"
+    facts.write_text(json.dumps({"world": world, "checksum": checksum}))
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     print(f"done rank={rank}", flush=True)
