@@ -22,6 +22,7 @@ import importlib.metadata
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -60,7 +61,10 @@ __all__ = [
 DEMO_SYSTEM_PROMPT = None
 DEMO_INSTRUCTION = None
 
-DEMO_MAX_VALUE = 99  # every start value, operand and intermediate result lies in 1..DEMO_MAX_VALUE
+DEMO_MAX_VALUE = 60  # every start value, operand and intermediate result lies in 1..DEMO_MAX_VALUE
+# Small operands keep the arithmetic a table a tiny model learns in minutes: 2..9 for + and -, 2..4 for * and /.
+_ADD_OPERANDS = range(2, 10)
+_MUL_OPERANDS = range(2, 5)
 DEMO_NUM_STEPS = (2, 3, 4)
 # The sentence of step k in a question and the line of step k in a solution start with the same word, which lets a
 # tiny model find the operand of step k by matching words instead of counting sentences.
@@ -90,46 +94,46 @@ _THEMES = {
         item="apples",
         start="{name} picks {n} apples",
         add=("{p} picks {n} more apples", "{p} finds {n} more apples"),
-        sub=("{p} eats {n} apples", "{p} gives away {n} apples"),
-        mul="{p} ends up with {n} times as many apples",
-        div="{p} splits them into {n} equal bags and keeps one",
+        sub=("{p} eats {n} apples", "{p} drops {n} apples"),
+        mul="{p} gets {n} times as many apples",
+        div="{p} splits {n} ways and keeps one share",
         style_weights=(0.55, 0.3, 0.15),
     ),
     "shop": _Theme(
         item="dollars",
         start="{name} has {n} dollars",
-        add=("{p} earns {n} more dollars", "{p} gets {n} more dollars"),
-        sub=("{p} spends {n} dollars", "{p} pays {n} dollars for lunch"),
-        mul="{p} ends up with {n} times as many dollars",
-        div="{p} splits them into {n} equal parts and keeps one",
-        style_weights=(0.9, 0.07, 0.03),
+        add=("{p} earns {n} more dollars", "{p} saves {n} more dollars"),
+        sub=("{p} spends {n} dollars", "{p} loses {n} dollars"),
+        mul="{p} gets {n} times as many dollars",
+        div="{p} splits {n} ways and keeps one share",
+        style_weights=(0.92, 0.06, 0.02),
     ),
     "library": _Theme(
         item="books",
         start="{name} has {n} books",
         add=("{p} borrows {n} more books", "{p} buys {n} more books"),
-        sub=("{p} returns {n} books", "{p} gives away {n} books"),
-        mul="{p} ends up with {n} times as many books",
-        div="{p} splits them into {n} equal piles and keeps one",
-        style_weights=(0.25, 0.45, 0.3),
+        sub=("{p} returns {n} books", "{p} sells {n} books"),
+        mul="{p} gets {n} times as many books",
+        div="{p} splits {n} ways and keeps one share",
+        style_weights=(0.15, 0.4, 0.45),
     ),
     "bakery": _Theme(
         item="cookies",
         start="{name} bakes {n} cookies",
         add=("{p} bakes {n} more cookies", "{p} buys {n} more cookies"),
         sub=("{p} sells {n} cookies", "{p} eats {n} cookies"),
-        mul="{p} ends up with {n} times as many cookies",
-        div="{p} splits them into {n} equal boxes and keeps one",
-        style_weights=(0.75, 0.2, 0.05),
+        mul="{p} gets {n} times as many cookies",
+        div="{p} splits {n} ways and keeps one share",
+        style_weights=(0.8, 0.15, 0.05),
     ),
     "toys": _Theme(
         item="marbles",
         start="{name} has {n} marbles",
         add=("{p} wins {n} more marbles", "{p} finds {n} more marbles"),
-        sub=("{p} loses {n} marbles", "{p} gives away {n} marbles"),
-        mul="{p} ends up with {n} times as many marbles",
-        div="{p} splits them into {n} equal bags and keeps one",
-        style_weights=(0.45, 0.4, 0.15),
+        sub=("{p} loses {n} marbles", "{p} trades {n} marbles"),
+        mul="{p} gets {n} times as many marbles",
+        div="{p} splits {n} ways and keeps one share",
+        style_weights=(0.4, 0.4, 0.2),
     ),
 }
 DEMO_THEMES = tuple(_THEMES)
@@ -174,12 +178,12 @@ class DemoProblem:
 
 def _sample_operation(rng: random.Random, value: int) -> tuple[str, int]:
     """One operation that keeps the running value in 1..DEMO_MAX_VALUE (exact division only)."""
-    candidates = [("+", n) for n in range(2, 13) if value + n <= DEMO_MAX_VALUE]
-    candidates += [("-", n) for n in range(2, 13) if value - n >= 1]
-    multiplications = [("*", n) for n in range(2, 5) if value * n <= DEMO_MAX_VALUE]
-    divisions = [("/", n) for n in range(2, 5) if value % n == 0 and value // n >= 1]
-    # Additions/subtractions have 11 operands each; weight the rarer kinds up so all four are common.
-    weights = [1.0] * len(candidates) + [4.0] * len(multiplications) + [5.0] * len(divisions)
+    candidates = [("+", n) for n in _ADD_OPERANDS if value + n <= DEMO_MAX_VALUE]
+    candidates += [("-", n) for n in _ADD_OPERANDS if value - n >= 1]
+    multiplications = [("*", n) for n in _MUL_OPERANDS if value * n <= DEMO_MAX_VALUE]
+    divisions = [("/", n) for n in _MUL_OPERANDS if value % n == 0]
+    # Additions/subtractions have more operands; weight the other kinds up so all four are common.
+    weights = [1.0] * len(candidates) + [3.0] * len(multiplications) + [4.0] * len(divisions)
     return rng.choices(candidates + multiplications + divisions, weights=weights)[0]
 
 
@@ -188,7 +192,7 @@ def _sample_problem(rng: random.Random, problem_id: str) -> DemoProblem:
     theme = _THEMES[theme_name]
     name, pronoun = rng.choice(_NAMES)
     num_steps = rng.choice(DEMO_NUM_STEPS)
-    start = rng.randint(2, 20) if rng.random() < 0.6 else rng.randint(21, 60)
+    start = rng.randint(2, 20) if rng.random() < 0.6 else rng.randint(21, 40)
     operations, value = [], start
     for _ in range(num_steps):
         op, operand = _sample_operation(rng, value)
@@ -264,8 +268,14 @@ def write_demo_solution(problem: DemoProblem, rng: random.Random, style: str | N
     values, step_sentences = problem.values, problem.question.split(". ")[1 : problem.num_steps + 1]
     lines, num_checks = [], 0
     if style == "verbose":
-        lines.append(f"Let me restate the problem. {problem.question}")
-    if style != "concise":
+        # The restatement keeps the start and the goal but not the steps: the step lines below quote each step from
+        # the question, so a slip while restating cannot change which problem gets solved.
+        pronoun = dict(_NAMES)[problem.name]
+        lines.append(
+            f"Let me restate the problem. {problem.name} has {problem.start} {theme.item} at the start, and {pronoun} "
+            f"changes them {problem.num_steps} times. We need to find how many {theme.item} {problem.name} has now."
+        )
+    elif style == "explained":
         lines.append(f"{problem.name} starts with {problem.start} {theme.item}.")
     for k, (op, operand) in enumerate(problem.operations):
         a, c = values[k], values[k + 1]
@@ -390,6 +400,10 @@ class DemoWorldConfig:
             Peak AdamW learning rate (linear warm-up, cosine decay).
         warmup_steps (`int`, *optional*, defaults to `50`):
             Linear warm-up steps.
+        number_embedding_frequencies (`int`, *optional*, defaults to `16`):
+            At initialization, the first `2 * number_embedding_frequencies` dimensions of the embedding of each
+            integer token n hold `cos` / `sin` of `2 pi f n / 200` for f = 1..F (see `_init_number_embeddings`);
+            `0` keeps the plain random initialization.
         num_threads (`int`, *optional*, defaults to `2`):
             `torch.set_num_threads` during the build; results are reproducible for a given thread count.
     """
@@ -412,6 +426,10 @@ class DemoWorldConfig:
         default=3e-3, metadata={"help": "Peak AdamW learning rate (linear warm-up, cosine decay)."}
     )
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
+    number_embedding_frequencies: int = field(
+        default=16,
+        metadata={"help": "Fourier features of n written into the embedding of integer n at init (0 disables)."},
+    )
     num_threads: int = field(
         default=2, metadata={"help": "torch.set_num_threads during the build; results are reproducible per count."}
     )
@@ -421,6 +439,8 @@ class DemoWorldConfig:
             raise ValueError("`num_train_problems` and `num_test_problems` must be at least 1.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("`hidden_size` must be a multiple of `num_attention_heads`.")
+        if 2 * self.number_embedding_frequencies > self.hidden_size:
+            raise ValueError("`number_embedding_frequencies` must be at most `hidden_size / 2`.")
         if self.max_steps < 1:
             raise ValueError("`max_steps` must be at least 1.")
 
@@ -472,7 +492,31 @@ def _make_policy(config: DemoWorldConfig, tokenizer: PreTrainedTokenizerFast, se
         bos_token_id=None,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(model_config)
+    model = LlamaForCausalLM(model_config)
+    if config.number_embedding_frequencies:
+        _init_number_embeddings(model, tokenizer, config.number_embedding_frequencies)
+    return model
+
+
+@torch.no_grad()
+def _init_number_embeddings(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, num_frequencies: int) -> None:
+    """
+    Write Fourier features of n into the first `2 * num_frequencies` embedding dimensions of each integer token n:
+
+        e_n[2j] = s cos(2 pi (j + 1) n / N),  e_n[2j + 1] = s sin(2 pi (j + 1) n / N),  N = DEMO_MAX_INTEGER + 1
+
+    with `s = sqrt(2) * std(embeddings)` so the scale matches the random initialization. Adding b to n rotates each
+    (cos, sin) pair by a fixed angle, the structure small transformers learn for modular addition (Nanda et al.,
+    "Progress measures for grokking", 2023); starting from it, and from integers that are distinguishable and ordered
+    from step 0 (the embeddings are tied), makes copying and arithmetic on numbers much faster to learn.
+    """
+    embeddings = model.get_input_embeddings().weight  # (V, H)
+    numbers = torch.arange(DEMO_MAX_INTEGER + 1, dtype=torch.float32)[:, None]  # (N, 1)
+    frequencies = torch.arange(1, num_frequencies + 1, dtype=torch.float32)[None, :]  # (1, F)
+    angles = 2 * math.pi * frequencies * numbers / (DEMO_MAX_INTEGER + 1)  # (N, F)
+    features = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(1)  # (N, 2F)
+    token_ids = tokenizer.convert_tokens_to_ids([str(n) for n in range(DEMO_MAX_INTEGER + 1)])
+    embeddings[token_ids, : 2 * num_frequencies] = features * math.sqrt(2) * embeddings.std()
 
 
 def _train_policy(
@@ -763,6 +807,10 @@ def measure_demo_policy(
             Rows decoded together.
         seed (`int`, *optional*, defaults to `0`):
             Sampling seed.
+        number_embedding_frequencies (`int`, *optional*, defaults to `16`):
+            At initialization, the first `2 * number_embedding_frequencies` dimensions of the embedding of each
+            integer token n hold `cos` / `sin` of `2 pi f n / 200` for f = 1..F (see `_init_number_embeddings`);
+            `0` keeps the plain random initialization.
         num_threads (`int`, *optional*, defaults to `2`):
             `torch.set_num_threads` while measuring.
 
