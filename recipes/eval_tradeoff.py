@@ -8,12 +8,12 @@ Each held-out problem gets `num_samples` completions per tilt strength `beta` (`
 `lenvm_rl.guidance`; `beta = 0` is the untilted policy). The baseline cuts the `beta = 0` completions at a budget
 of `B` tokens and counts a cut answer as wrong (`lenvm_rl.metrics.token_budget_curve`). Each tilt point is compared
 with the budget curve at the same mean number of tokens (linear interpolation). Writes `tradeoff.json` and
-`tradeoff.png` (accuracy versus mean tokens, one curve each).
+`tradeoff.png` in the format of `recipes/eval_gsm8k.py` (`lenvm_rl.evaluation.write_tradeoff_results`): one run per
+beta, joined as the "LenVM tilt" series, the `beta = 0` run carrying the budget curve; `tilt` adds the comparison at
+matched tokens. Here a completion is correct only if it also stopped with EOS before the cap.
 """
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
+from lenvm_rl.evaluation import accuracy_length_stats, budget_curve, write_tradeoff_results
 from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
-from lenvm_rl.metrics import token_budget_curve
 from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible
 from lenvm_rl.rewards import extract_gsm8k_answer
 
-RESULTS_NAME, PLOT_NAME = "tradeoff.json", "tradeoff.png"
+RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png
 
 
 @dataclass
@@ -120,74 +120,50 @@ def main(script_args: EvalTradeoffArguments) -> dict:
             extract_gsm8k_answer(tokenizer.decode(c, skip_special_tokens=True)) == gold and reason == "stop"
             for c, gold, reason in zip(out.completion_ids, golds, out.finish_reasons)
         ]
-        tilt[beta] = {"lengths": lengths, "correct": correct}
+        truncated = [reason == "length" for reason in out.finish_reasons]
+        tilt[beta] = {
+            "lengths": lengths,
+            "correct": correct,
+            "stats": accuracy_length_stats(lengths, correct, truncated),
+        }
         print(f"beta={beta}: accuracy {np.mean(correct):.3f}, mean tokens {np.mean(lengths):.1f}")
 
     # 2. Token-budget baseline from the untilted completions.
     base = tilt[0.0]
-    budgets = script_args.budgets or list(range(8, max(base["lengths"]) + 8, 8))
-    budget_tokens, budget_accuracy = token_budget_curve(base["lengths"], base["correct"], budgets)
+    budget = budget_curve(base["lengths"], base["correct"], script_args.budgets)
 
     # 3. Compare at matched mean tokens.
-    points = []
+    points, runs = [], []
     for beta, run in tilt.items():
-        mean_tokens, accuracy = float(np.mean(run["lengths"])), float(np.mean(run["correct"]))
-        matched = float(np.interp(mean_tokens, budget_tokens.numpy(), budget_accuracy.numpy()))
-        points.append(
-            {
-                "beta": beta,
-                "mean_tokens": mean_tokens,
-                "accuracy": accuracy,
-                "budget_accuracy_at_same_tokens": matched,
-                "accuracy_gain_over_budget": accuracy - matched,
-            }
-        )
+        mean_tokens, accuracy = run["stats"]["mean_tokens"], run["stats"]["accuracy"]
+        matched = float(np.interp(mean_tokens, budget["mean_tokens"], budget["accuracy"]))
+        point = {
+            "beta": beta,
+            "mean_tokens": mean_tokens,
+            "accuracy": accuracy,
+            "budget_accuracy_at_same_tokens": matched,
+            "accuracy_gain_over_budget": accuracy - matched,
+        }
+        points.append(point)
+        runs.append({"label": f"β={beta:g}", **point, **run["stats"], "series": "LenVM tilt"})
+        if beta == 0.0:
+            runs[-1]["budget_curve"] = budget
     results = {
+        "title": f"Accuracy vs length ({len(prompts)} completions, gamma={lenvm.gamma:.4g})",
         "args": asdict(script_args),
         "gamma": lenvm.gamma,
         "num_completions": len(prompts),
         "tilt": points,
-        "budget": {
-            "budgets": list(budgets),
-            "mean_tokens": budget_tokens.tolist(),
-            "accuracy": budget_accuracy.tolist(),
-        },
+        "runs": runs,
     }
-    output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    plot_tradeoff(results, output_dir / PLOT_NAME)
+    json_path, png_path = write_tradeoff_results(results, script_args.output_dir, RESULTS_NAME)
     print(f"{'beta':>7} {'mean tokens':>11} {'accuracy':>8} {'budget acc.':>11}")
     for p in points:
         print(
             f"{p['beta']:>7g} {p['mean_tokens']:>11.1f} {p['accuracy']:>8.3f} {p['budget_accuracy_at_same_tokens']:>11.3f}"
         )
-    print(f"Wrote {output_dir / RESULTS_NAME} and {output_dir / PLOT_NAME}")
+    print(f"Wrote {json_path} and {png_path}")
     return results
-
-
-def plot_tradeoff(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    budget = results["budget"]
-    ax.plot(budget["mean_tokens"], budget["accuracy"], ".-", label="hard token budget (cut = wrong)")
-    points = sorted(results["tilt"], key=lambda p: p["mean_tokens"])
-    ax.plot([p["mean_tokens"] for p in points], [p["accuracy"] for p in points], "s-", label="LenVM tilt")
-    for p in points:
-        ax.annotate(f"β={p['beta']:g}", (p["mean_tokens"], p["accuracy"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("mean tokens per completion")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Accuracy vs length ({results['num_completions']} completions, gamma={results['gamma']:.4g})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl.rewards import get_soft_overlong_punishment
 
 from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
-from lenvm_rl.generation import generate_completions
+from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.rewards import gsm8k_accuracy_reward
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
@@ -75,18 +74,23 @@ def length_penalty_reward(coef: float):
     return length_penalty_reward
 
 
-@torch.no_grad()
 def evaluate_policy(model, tokenizer, dataset, max_new_tokens: int, temperature: float, batch_size: int, seed: int):
-    """Accuracy, mean completion tokens (EOS included) and fraction cut at the cap, one sample per problem."""
-    completions = generate_completions(
-        model, tokenizer, dataset["prompt"], 1, max_new_tokens, temperature, 1.0, 0, batch_size, seed
+    """Accuracy, mean completion tokens (EOS included) and fraction cut at the cap, one sample per problem
+    ([`~lenvm_rl.evaluation.evaluate_gsm8k`])."""
+    out = evaluate_gsm8k(
+        model,
+        tokenizer,
+        dataset["prompt"],
+        dataset["answer"],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
     )
-    correct = gsm8k_accuracy_reward([c.text for c in completions], dataset["answer"])
-    lengths = [len(c.completion_ids) for c in completions]
     return {
-        "accuracy": sum(correct) / len(correct),
-        "mean_tokens": sum(lengths) / len(lengths),
-        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "accuracy": out["accuracy"],
+        "mean_tokens": out["mean_tokens"],
+        "truncated_frac": out["fraction_truncated"],
     }
 
 

@@ -9,20 +9,26 @@ from trl import ModelConfig, TrlParser
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
+from eval_gsm8k import EvalGSM8KArguments  # noqa: E402
 from eval_length_prediction import EvalLengthPredictionArguments  # noqa: E402
 from grpo_gsm8k import GRPOScriptArguments  # noqa: E402
+from ppo_gsm8k import PPOScriptArguments  # noqa: E402
 from sample_rollouts import SampleRolloutsArguments  # noqa: E402
 from train_lenvm import TrainLenVMScriptArguments  # noqa: E402
 
 from lenvm_rl.trainers.lenvm import LenVMConfig  # noqa: E402
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig  # noqa: E402
+from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig  # noqa: E402
 
 # Config name prefix -> the dataclasses its recipe parses.
 RECIPES = {
     "rollouts_": (SampleRolloutsArguments,),
     "lenvm_": (TrainLenVMScriptArguments, LenVMConfig, ModelConfig),
     "eval_length_": (EvalLengthPredictionArguments,),
+    "eval_gsm8k_": (EvalGSM8KArguments,),
     "grpo_": (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig),
+    "ppo_": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),
+    "demo.yaml": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),  # the offline demo world's PPO run
 }
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 

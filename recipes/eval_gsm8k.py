@@ -1,0 +1,167 @@
+"""Accuracy versus tokens of one or more policy checkpoints on GSM8K-style problems, with hard token-budget curves.
+
+    # the offline demo world: the demo policy before and after recipes/configs/demo.yaml's PPO run
+    python recipes/eval_gsm8k.py --config recipes/configs/eval_gsm8k_demo.yaml
+    # any checkpoints, on the hub's GSM8K test split
+    python recipes/eval_gsm8k.py --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct outputs/ppo-gsm8k-qwen2.5-1.5b \
+        --labels start ppo --dataset_name openai/gsm8k --output_dir outputs/eval-gsm8k --dtype bfloat16
+
+Each checkpoint (a causal LM directory or hub id, or a PEFT adapter directory, merged into its base for decoding)
+samples `num_samples` completions per problem ([`~lenvm_rl.evaluation.evaluate_gsm8k`]). Its hard token-budget curve
+cuts those completions at `B` tokens and counts a cut answer as wrong ([`~lenvm_rl.evaluation.budget_curve`]).
+Writes `eval_gsm8k.json` (one run per checkpoint: accuracy, mean / median / p90 / p99 tokens, fraction truncated,
+the budget curve and, with `save_completion_stats`, the per-completion lengths and correctness) and
+`eval_gsm8k.png` (accuracy versus mean tokens), the format of `recipes/eval_tradeoff.py`.
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.evaluation import (
+    budget_curve,
+    evaluate_gsm8k,
+    format_tradeoff_table,
+    write_tradeoff_results,
+)
+
+RESULTS_NAME = "eval_gsm8k"  # eval_gsm8k.json and eval_gsm8k.png
+
+
+@dataclass
+class EvalGSM8KArguments:
+    """Arguments of `recipes/eval_gsm8k.py`.
+
+    Parameters:
+        model_name_or_path (`list[str]`): Checkpoints to evaluate (model directories, hub ids or adapter directories).
+        output_dir (`str`): Where `eval_gsm8k.json` and `eval_gsm8k.png` go.
+        labels (`list[str]` or `None`): One label per checkpoint; default the checkpoint paths.
+        dataset_name (`str`): Hub id or local path of GSM8K-format data (question, answer).
+        dataset_config (`str`): Hub configuration (main or socratic).
+        dataset_split (`str`): Split of the evaluated problems.
+        num_problems (`int` or `None`): Evaluate the first N problems; `None` for all.
+        system_prompt (`str` or `None`): Content of a leading system message.
+        instruction (`str` or `None`): Text appended to each question (null for the demo world).
+        num_samples (`int`): Completions per problem.
+        temperature (`float`): Sampling temperature (0 is greedy).
+        top_p (`float`): Nucleus sampling threshold.
+        top_k (`int`): Top-k filtering (0 disables it).
+        max_new_tokens (`int`): Length cap.
+        budgets (`list[int]` or `None`): Token budgets of the hard-budget curves; default every 8 tokens up to the
+            longest completion of each checkpoint.
+        batch_size (`int`): Rows decoded together.
+        seed (`int`): Sampling seed (the same for every checkpoint).
+        dtype (`str`): Weights dtype of the loaded checkpoints (`float32`, `bfloat16`, `auto`).
+        save_completion_stats (`bool`): Keep each run's per-completion `lengths` and `correct` lists in the JSON.
+        num_threads (`int` or `None`): `torch.set_num_threads`; `None` keeps torch's default.
+    """
+
+    model_name_or_path: list[str] = field(
+        metadata={"help": "Checkpoints to evaluate (model directories, hub ids or adapter directories)."}
+    )
+    output_dir: str = field(metadata={"help": "Where eval_gsm8k.json and eval_gsm8k.png go."})
+    labels: list[str] | None = field(
+        default=None, metadata={"help": "One label per checkpoint; default the checkpoint paths."}
+    )
+    dataset_name: str = field(
+        default="openai/gsm8k",
+        metadata={"help": "Hub id or local path of GSM8K-format data, e.g. outputs/demo/world/data."},
+    )
+    dataset_config: str = field(default="main", metadata={"help": "Hub configuration (main or socratic)."})
+    dataset_split: str = field(default="test", metadata={"help": "Split of the evaluated problems."})
+    num_problems: int | None = field(default=None, metadata={"help": "Evaluate the first N problems (None: all)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Content of a leading system message."})
+    instruction: str | None = field(
+        default=DEFAULT_INSTRUCTION,
+        metadata={"help": "Text appended to each question (null for the demo world, whose policy saw none)."},
+    )
+    num_samples: int = field(default=1, metadata={"help": "Completions per problem."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 is greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 disables it)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
+    budgets: list[int] | None = field(
+        default=None, metadata={"help": "Token budgets of the hard-budget curves (default: every 8 tokens)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Rows decoded together."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every checkpoint)."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or auto."})
+    save_completion_stats: bool = field(
+        default=True, metadata={"help": "Keep per-completion lengths and correctness in the JSON."}
+    )
+    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (None: torch's default)."})
+
+    def __post_init__(self):
+        if isinstance(self.model_name_or_path, str):
+            self.model_name_or_path = [self.model_name_or_path]
+        if self.labels is not None and len(self.labels) != len(self.model_name_or_path):
+            raise ValueError(
+                f"--labels has {len(self.labels)} entries for {len(self.model_name_or_path)} checkpoints: give one "
+                "label per --model_name_or_path, or none."
+            )
+
+
+def load_policy(name_or_path: str, dtype: str = "float32"):
+    """A causal LM in eval mode from a model directory or hub id, or from a PEFT adapter directory (loaded on the base
+    model its `adapter_config.json` names, then merged so that decoding runs at full speed)."""
+    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).merge_and_unload().eval()
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).eval()
+
+
+def main(script_args: EvalGSM8KArguments) -> dict:
+    if script_args.num_threads is not None:
+        torch.set_num_threads(script_args.num_threads)
+    dataset = load_gsm8k(script_args.dataset_name, script_args.dataset_split, script_args.dataset_config)
+    if script_args.num_problems is not None:
+        dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
+    dataset = prepare_prompt_dataset(dataset, script_args.system_prompt, script_args.instruction)
+    labels = script_args.labels or script_args.model_name_or_path
+
+    runs = []
+    for label, path in zip(labels, script_args.model_name_or_path):
+        model = load_policy(path, script_args.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        out = evaluate_gsm8k(
+            model,
+            tokenizer,
+            dataset["prompt"],
+            dataset["answer"],
+            num_samples=script_args.num_samples,
+            max_new_tokens=script_args.max_new_tokens,
+            temperature=script_args.temperature,
+            top_p=script_args.top_p,
+            top_k=script_args.top_k,
+            batch_size=script_args.batch_size,
+            seed=script_args.seed,
+            progress=True,
+        )
+        curve = budget_curve(out["lengths"], out["correct"], script_args.budgets)
+        if not script_args.save_completion_stats:
+            del out["lengths"], out["correct"]
+        runs.append({"label": label, "model_name_or_path": path, **out, "budget_curve": curve})
+        print(f"{label}: accuracy {out['accuracy']:.3f}, mean tokens {out['mean_tokens']:.1f}")
+        del model
+
+    num_completions = len(dataset) * script_args.num_samples
+    results = {
+        "title": f"GSM8K accuracy vs length ({num_completions} completions per checkpoint, T={script_args.temperature:g})",
+        "args": asdict(script_args),
+        "runs": runs,
+    }
+    json_path, png_path = write_tradeoff_results(results, script_args.output_dir, RESULTS_NAME)
+    print(format_tradeoff_table(results))
+    print(f"Wrote {json_path} and {png_path}")
+    return results
+
+
+if __name__ == "__main__":
+    parser = TrlParser(EvalGSM8KArguments)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)

@@ -1,0 +1,267 @@
+"""recipes/ppo_gsm8k.py end to end on tiny offline models: in process (full and LoRA, resume) and under
+`accelerate launch` with 2 processes (DDP and DeepSpeed ZeRO-3, gloo on CPU)."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+from trl import ModelConfig, TrlParser
+
+from lenvm_rl.modeling import LengthValueModel
+from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import ppo_gsm8k  # noqa: E402
+from ppo_gsm8k import PPOScriptArguments, main  # noqa: E402
+
+CONFIGS = [ROOT / "recipes" / "configs" / "demo.yaml", *sorted((ROOT / "recipes" / "configs").glob("ppo_*.yaml"))]
+EVAL_KEYS = {"accuracy", "mean_tokens", "median_tokens", "p90_tokens", "p99_tokens", "fraction_truncated"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_configs_train_a_lenvm_ppo_policy(path):
+    parser = TrlParser((PPOScriptArguments, LenVMPPOConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true"])
+    assert training_args.lenvm_model_name_or_path and training_args.length_mode == "advantage"
+    assert training_args.length_coef > 0 and script_args.num_eval_problems > 0
+    if "qwen2.5" in path.name:
+        assert training_args.lenvm_gamma == 0.997 and training_args.bf16
+        assert model_args.use_peft == path.name.endswith("_lora.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A policy, a LenVM, a critic checkpoint and GSM8K-format train/test files, all tiny and offline."""
+    root = tmp_path_factory.mktemp("ppo_world")
+    tokenizer = make_tiny_tokenizer()
+    policy = make_tiny_causal_lm("llama")
+    policy.generation_config.eos_token_id = 1
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    LengthValueModel.from_backbone(make_tiny_causal_lm("llama", seed=7), gamma=0.9).save_pretrained(
+        root / "lenvm", tokenizer=tokenizer
+    )
+    torch.manual_seed(3)
+    critic_config = make_tiny_causal_lm("llama", seed=3).config
+    critic_config.num_labels = 1
+    critic = AutoModelForSequenceClassification.from_config(critic_config)
+    critic.save_pretrained(root / "critic")
+    for split, numbers in (("train", range(1, 9)), ("test", range(20, 24))):
+        rows = [{"question": f"what is {i} + {i} ?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in numbers]
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def write_config(path, world, output_dir, **overrides):
+    """A tiny run: 2 updates of 4 rollouts on one process, 6 response tokens, 4 held-out problems."""
+    config = {
+        "model_name_or_path": str(world / "policy"),
+        "dataset_name": str(world / "data"),
+        "instruction": None,
+        "num_eval_problems": 4,
+        "eval_batch_size": 4,
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "total_episodes": 8,
+        "response_length": 6,
+        "num_ppo_epochs": 2,
+        "learning_rate": 1.0e-2,
+        "lr_scheduler_type": "constant",  # the resume test extends the run by one update
+        "local_rollout_forward_batch_size": 4,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "disable_tqdm": True,
+        "seed": 0,
+        "lenvm_model_name_or_path": str(world / "lenvm"),
+        "length_mode": "advantage",
+        "length_coef": 0.5,
+        **overrides,
+    }
+    config = {key: value for key, value in config.items() if value != "<unset>"}
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items()))  # JSON is YAML
+    return path
+
+
+def parse(config_path):
+    parser = TrlParser((PPOScriptArguments, LenVMPPOConfig, ModelConfig))
+    return parser.parse_args_and_config(["--config", str(config_path)])
+
+
+def policy_weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_world, tmp_path_factory):
+    """One in-process run, logged to TensorBoard; returns its output directory and main()'s return value."""
+    tmp_path = tmp_path_factory.mktemp("ppo_full")
+    output_dir = tmp_path / "run"
+    config = write_config(tmp_path / "ppo_tiny.yaml", tiny_world, output_dir, report_to="tensorboard")
+    return output_dir, main(*parse(config))
+
+
+def test_main_trains_saves_and_writes_results(tiny_world, full_run):
+    output_dir, results = full_run
+    assert json.loads((output_dir / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
+    assert set(results) == {"start", "final", "eval_settings", "train", "config"}
+    for stage in ("start", "final"):
+        assert EVAL_KEYS <= set(results[stage])
+        assert results[stage]["num_problems"] == 4 and len(results[stage]["lengths"]) == 4
+        assert 1 <= results[stage]["mean_tokens"] <= 6 and 0 <= results[stage]["accuracy"] <= 1
+    train = results["train"]
+    assert train["global_step"] == 2 and train["episodes"] == 8 and train["num_processes"] == 1
+    assert train["resumed_from_checkpoint"] is None
+    assert {"objective/scores", "length/coef", "rewards/gsm8k_accuracy_reward/mean"} <= set(train["last_log"])
+    assert results["config"]["training_args"]["length_coef"] == 0.5
+    assert results["config"]["model_args"]["model_name_or_path"] == str(tiny_world / "policy")
+
+    start, final = policy_weights(tiny_world / "policy"), policy_weights(output_dir)
+    assert start.keys() == final.keys()
+    assert any(not torch.equal(start[k], final[k]) for k in start)  # the policy trained
+    assert (output_dir / "value_model" / "model.safetensors").is_file()  # the critic is saved ...
+    assert not list(output_dir.rglob("value_head.safetensors"))  # ... the LenVM never is
+    assert (output_dir / "checkpoint-2").is_dir()
+    assert list((output_dir / "runs").rglob("events.out.tfevents.*"))  # report_to: tensorboard
+
+
+def test_restart_resumes_from_the_last_checkpoint_and_reuses_the_start_evaluation(tiny_world, full_run, tmp_path):
+    first_dir, first = full_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_dir, output_dir)
+    shutil.rmtree(output_dir / "runs")
+    config = write_config(tmp_path / "ppo_tiny.yaml", tiny_world, output_dir, total_episodes=12)  # one more update
+    calls = []
+    evaluate = ppo_gsm8k.evaluate_gsm8k
+
+    def counting_evaluate(*args, **kwargs):
+        calls.append(1)
+        return evaluate(*args, **kwargs)
+
+    ppo_gsm8k.evaluate_gsm8k = counting_evaluate
+    try:
+        results = main(*parse(config))
+    finally:
+        ppo_gsm8k.evaluate_gsm8k = evaluate
+    assert len(calls) == 1  # the final policy only: the start evaluation came from results.json
+    assert results["start"] == first["start"]
+    assert results["train"]["resumed_from_checkpoint"] == str(output_dir / "checkpoint-2")
+    assert results["train"]["global_step"] == 3
+    resumed_from = policy_weights(output_dir / "checkpoint-2")
+    assert any(not torch.equal(resumed_from[k], v) for k, v in policy_weights(output_dir).items())
+
+    # Another evaluation temperature changes the start evaluation's meaning: it is computed again.
+    config = write_config(tmp_path / "ppo_tiny.yaml", tiny_world, output_dir, total_episodes=12, eval_temperature=0.5)
+    ppo_gsm8k.evaluate_gsm8k = counting_evaluate
+    try:
+        results = main(*parse(config))
+    finally:
+        ppo_gsm8k.evaluate_gsm8k = evaluate
+    assert len(calls) == 3 and results["eval_settings"]["temperature"] == 0.5
+
+
+def test_lora_with_a_given_critic_and_a_format_reward(tiny_world, tmp_path):
+    output_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "ppo_tiny.yaml",
+        tiny_world,
+        output_dir,
+        use_peft=True,
+        lora_r=2,
+        lora_alpha=4,
+        lora_target_modules=["q_proj", "v_proj"],
+        value_model_name_or_path=str(tiny_world / "critic"),
+        format_reward_weight=0.5,
+        num_eval_problems=2,
+        save_strategy="no",
+    )
+    script_args, training_args, model_args = parse(config)
+    results = main(script_args, training_args, model_args)
+
+    assert training_args.reward_weights == [1.0, 0.5]
+    assert "rewards/gsm8k_format_reward/mean" in results["train"]["last_log"]
+    assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / "model.safetensors").exists()
+    assert results["final"]["num_problems"] == 2  # evaluated with the adapter merged into its base
+    # The critic started from the given checkpoint (not the policy's backbone with a zero head) and trained.
+    given, trained = (
+        load_file(tiny_world / "critic" / "model.safetensors"),
+        load_file(output_dir / "value_model" / "model.safetensors"),
+    )
+    assert given.keys() == trained.keys() and not torch.equal(given["score.weight"], trained["score.weight"])
+    assert torch.count_nonzero(given["score.weight"]) > 0
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(accelerate_config, recipe_config, use_cpu):
+    """`accelerate launch recipes/ppo_gsm8k.py` on 2 processes. Success = both ranks printed "done" (the recipe
+    leaves with `os._exit(0)` after it, shared/docs/distributed_on_cpu.md)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
+               accelerate_config), "--main_process_port", str(free_port()), str(ROOT / "recipes" / "ppo_gsm8k.py"),
+               "--config", str(recipe_config)]  # fmt: skip
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = set(re.findall(r"done rank=(\d)", proc.stdout))
+    assert done == {"0", "1"}, (
+        f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
+
+
+def check_two_process_run(output_dir, distributed_type):
+    """Two processes trained together (4 rollouts each, 8 per update) and the main process alone evaluated and wrote
+    results.json."""
+    results = json.loads((output_dir / "results.json").read_text())
+    train = results["train"]
+    assert train["num_processes"] == 2 and train["distributed_type"] == distributed_type
+    assert train["rollouts_per_update"] == 8 and train["global_step"] == 2
+    for stage in ("start", "final"):
+        assert EVAL_KEYS <= set(results[stage]) and results[stage]["num_problems"] == 4
+    return results
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_ddp(tiny_world, tmp_path):
+    output_dir = tmp_path / "run"
+    config = write_config(tmp_path / "ppo_ddp.yaml", tiny_world, output_dir, total_episodes=16,
+                          save_strategy="no")  # fmt: skip
+    launch("cpu_ddp.yaml", config, use_cpu=True)
+    check_two_process_run(output_dir, "DistributedType.MULTI_CPU")
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "value_model").is_dir()
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_zero3(tiny_world, tmp_path):
+    pytest.importorskip("deepspeed")  # in the `dev` extra
+    output_dir = tmp_path / "run"
+    config = write_config(tmp_path / "ppo_zero3.yaml", tiny_world, output_dir, total_episodes=16,
+                          save_strategy="no",
+                          use_cpu="<unset>", ddp_backend="gloo")  # fmt: skip
+    launch("cpu_zero3.yaml", config, use_cpu=False)
+    check_two_process_run(output_dir, "DistributedType.DEEPSPEED")
+    # The policy was gathered from its ZeRO-3 shards into a whole, loadable checkpoint.
+    start, final = policy_weights(tiny_world / "policy"), policy_weights(output_dir)
+    assert start.keys() == final.keys() and all(start[k].shape == final[k].shape for k in start)
+    assert any(not torch.equal(start[k], final[k]) for k in start)
