@@ -14,8 +14,10 @@ the budget curve and, with `save_completion_stats`, the per-completion lengths a
 `eval_gsm8k.png` (accuracy versus mean tokens), the format of `recipes/eval_tradeoff.py`.
 """
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,6 +60,8 @@ class EvalGSM8KArguments:
         dtype (`str`): Weights dtype of the loaded checkpoints (`float32`, `bfloat16`, `auto`).
         save_completion_stats (`bool`): Keep each run's per-completion `lengths` and `correct` lists in the JSON.
         num_threads (`int` or `None`): `torch.set_num_threads`; `None` keeps torch's default.
+        summary_file (`str` or `None`): Also write `{label: {accuracy, mean_tokens, median_tokens, p90_tokens,
+            p99_tokens, fraction_truncated}}` to this JSON file (the demo's `outputs/demo/results.json`).
     """
 
     model_name_or_path: list[str] = field(
@@ -94,6 +98,9 @@ class EvalGSM8KArguments:
         default=True, metadata={"help": "Keep per-completion lengths and correctness in the JSON."}
     )
     num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (None: torch's default)."})
+    summary_file: str | None = field(
+        default=None, metadata={"help": "Also write {label: accuracy and token statistics} to this JSON file."}
+    )
 
     def __post_init__(self):
         if isinstance(self.model_name_or_path, str):
@@ -156,6 +163,14 @@ def main(script_args: EvalGSM8KArguments) -> dict:
         "runs": runs,
     }
     json_path, png_path = write_tradeoff_results(results, script_args.output_dir, RESULTS_NAME)
+    if script_args.summary_file:
+        keys = ("accuracy", "mean_tokens", "median_tokens", "p90_tokens", "p99_tokens", "fraction_truncated")
+        summary = {run["label"]: {key: run[key] for key in keys} for run in runs}
+        summary["eval_gsm8k"] = str(json_path)
+        tmp_path = Path(script_args.summary_file + ".tmp")
+        tmp_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp_path, script_args.summary_file)
     print(format_tradeoff_table(results))
     print(f"Wrote {json_path} and {png_path}")
     return results

@@ -333,6 +333,21 @@ def test_reward_weights_must_match_the_rewards(tmp_path, tokenizer):
         )
 
 
+@pytest.mark.parametrize("missing", ["ref_model", "value_model"])
+def test_a_zero3_sharded_policy_is_not_copied(tmp_path, tokenizer, missing):
+    # ZeRO-3 `from_pretrained` leaves each parameter with a `ds_id` and only its local shard: a deep copy of it would
+    # be a model of empty tensors, so the trainer asks for the missing model instead of copying.
+    policy = make_tiny_causal_lm("llama")
+    for parameter in policy.parameters():
+        parameter.ds_id = 0
+    models = {"ref_model": make_tiny_causal_lm("llama"), "value_model": make_tiny_classifier(policy.vocab_size, 0)}
+    models[missing] = None
+    with pytest.raises(ValueError, match=f"ZeRO-3.*`{missing}`"):
+        PPOTrainer(
+            make_args(tmp_path), tokenizer, policy, reward_funcs=[ones_reward], train_dataset=make_dataset(), **models
+        )
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 

@@ -107,10 +107,15 @@ max_new_tokens: 8
 budgets: [2, 4, 8]
 batch_size: 4
 output_dir: {tmp_path / "out"}
+summary_file: {tmp_path / "results.json"}
 """
     )
     (script_args,) = TrlParser(EvalGSM8KArguments).parse_args_and_config(["--config", str(config)])
     results = main(script_args)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    for run in results["runs"]:
+        assert summary[run["label"]]["accuracy"] == run["accuracy"]
+        assert summary[run["label"]]["mean_tokens"] == run["mean_tokens"]
 
     assert json.loads((tmp_path / "out" / "eval_gsm8k.json").read_text()) == results
     assert (tmp_path / "out" / "eval_gsm8k.png").is_file()

@@ -237,6 +237,16 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _refuse_to_copy_sharded(policy: nn.Module, argument: str) -> None:
+    """Raise a clear error instead of copying a policy that ZeRO-3 sharded as it loaded (its copies would hold the
+    empty local shards)."""
+    if any(hasattr(parameter, "ds_id") for parameter in policy.parameters()):
+        raise ValueError(
+            f"The policy was sharded by DeepSpeed ZeRO-3 when it was loaded, so it cannot be copied into the default "
+            f"`{argument}`: load `{argument}` with `from_pretrained` too and pass it (recipes/ppo_gsm8k.py does)."
+        )
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     """A frozen reference or reward model: [`~lenvm_rl.modeling.freeze_model`] (eval, no gradients), no dropout."""
     freeze_model(model)
@@ -427,6 +437,7 @@ class PPOTrainer(Trainer):
             if args.model_adapter_name is not None:
                 policy.set_adapter(args.model_adapter_name)
         elif ref_model is None:
+            _refuse_to_copy_sharded(policy, "ref_model")
             ref_model = copy.deepcopy(policy)
         self.ref_model = _freeze(ref_model) if ref_model is not None else None
         disable_dropout_in_model(policy)
@@ -501,6 +512,7 @@ class PPOTrainer(Trainer):
     @staticmethod
     def _value_model_from_policy(policy: nn.Module) -> nn.Module:
         """A critic with the policy's backbone and a zero scalar head (every value starts at 0)."""
+        _refuse_to_copy_sharded(policy, "value_model")
         config = copy.deepcopy(policy.config)
         config.num_labels = 1
         value_model = AutoModelForSequenceClassification.from_config(config)
