@@ -36,6 +36,7 @@ TINY_CONFIG = dict(
     max_steps=2,
     per_device_train_batch_size=8,
     warmup_steps=1,
+    number_embedding_frequencies=8,
 )
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 
@@ -69,8 +70,10 @@ def test_problem_steps_and_ranges(problems):
         value = problem.start
         for op, operand in problem.operations:
             assert op != "/" or value % operand == 0  # exact division only
-            value = OPERATORS[op](value, operand)
-            assert 1 <= value <= demo.DEMO_MAX_VALUE
+            new_value = OPERATORS[op](value, operand)
+            assert 1 <= new_value and (new_value <= demo.DEMO_MAX_VALUE or new_value < value)
+            value = new_value
+        assert 2 <= problem.start <= 40
 
 
 def test_question_states_the_steps(problems):
@@ -149,9 +152,9 @@ def test_special_tokens_and_chat_template(tokenizer):
     assert tokenizer.convert_ids_to_tokens(prompt_ids[:2]) == ["<|user|>", "Ava"]
     assert tokenizer.convert_ids_to_tokens(prompt_ids[-2:]) == [demo.DEMO_EOS_TOKEN, "<|assistant|>"]
     # The assistant turn ends with EOS, and the rendered prompt is a prefix of the full conversation.
-    full_ids = tokenizer.apply_chat_template(
-        [*prompt, {"role": "assistant", "content": "#### 3"}], tokenize=True
-    )["input_ids"]
+    full_ids = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": "#### 3"}], tokenize=True)[
+        "input_ids"
+    ]
     assert full_ids[: len(prompt_ids)] == prompt_ids
     assert full_ids[len(prompt_ids) :] == [*tokenizer("#### 3")["input_ids"], tokenizer.eos_token_id]
 
