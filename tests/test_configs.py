@@ -10,7 +10,9 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 from eval_gsm8k import EvalGSM8KArguments  # noqa: E402
+from eval_length_control import EvalLengthControlArguments  # noqa: E402
 from eval_length_prediction import EvalLengthPredictionArguments  # noqa: E402
+from eval_tradeoff import EvalTradeoffArguments  # noqa: E402
 from grpo_gsm8k import GRPOScriptArguments  # noqa: E402
 from ppo_gsm8k import PPOScriptArguments  # noqa: E402
 from sample_rollouts import SampleRolloutsArguments  # noqa: E402
@@ -29,6 +31,8 @@ RECIPES = {
     "grpo_": (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig),
     "ppo_": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),
     "demo.yaml": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),  # the offline demo world's PPO run
+    "length_control_": (EvalLengthControlArguments,),
+    "tradeoff_": (EvalTradeoffArguments,),
 }
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
