@@ -40,11 +40,12 @@ class AblationArguments:
     trainer: str = field(default="ppo", metadata={"help": "`ppo` (recipes/ppo_gsm8k.py) or `grpo` (grpo_gsm8k.py)."})
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of every row."})
     penalty_coefs: list[float] = field(
-        default_factory=lambda: [0.002, 0.005],
+        default_factory=lambda: [0.003, 0.01],
         metadata={"help": "alpha grid of the sequence-level penalty `score - alpha * tokens`."},
     )
     advantage_coefs: list[float] = field(
-        default_factory=lambda: [0.3, 1.0], metadata={"help": "s grid of the LenVM advantage `A_task + s * A_len`."}
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={"help": "s grid of the LenVM advantage `A_task + s * A_len`."},
     )
     shaping_coefs: list[float] = field(
         default_factory=lambda: [1.0], metadata={"help": "beta grid of LenVM potential shaping (PPO only)."}

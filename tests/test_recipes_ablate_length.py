@@ -21,8 +21,8 @@ def test_rows_cover_every_mode_and_coefficient():
     assert list(rows) == ["none", "penalty a=0.1", "penalty a=0.2", "advantage s=1", "shaping b=0.5"]
     assert rows["shaping b=0.5"] == ["--length_mode", "shaping", "--length_coef", "0.5"]
     grpo = ablation_rows(AblationArguments(base_config="x", output_dir="y", trainer="grpo", shaping_coefs=[]))
-    assert list(grpo) == ["grpo", "grpo+penalty a=0.002", "grpo+penalty a=0.005", "grpo+overlong", "grpo+lenvm s=0.3",
-                          "grpo+lenvm s=1"]  # fmt: skip
+    assert list(grpo) == ["grpo", "grpo+penalty a=0.003", "grpo+penalty a=0.01", "grpo+overlong", "grpo+lenvm s=0.3",
+                          "grpo+lenvm s=1", "grpo+lenvm s=3"]  # fmt: skip
 
 
 def test_bad_arguments_are_refused():
