@@ -169,7 +169,7 @@ def table(summary: dict, before: dict) -> str:
     lines = [
         "| row | accuracy | mean tokens | tokens vs start |",
         "|---|---|---|---|",
-        f"| start (before RL) | {before['accuracy']:.3f} | {before['mean_tokens']:.1f} | |",
+        f"| start (before RL, mean of every run's evaluation) | {before['accuracy']:.3f} | {before['mean_tokens']:.1f} | |",
     ]
     for name, row in summary.items():
         accuracy, tokens = row["after"]["accuracy"], row["after"]["mean_tokens"]
@@ -211,7 +211,9 @@ def main(args: AblationArguments) -> dict:
     rows = ablation_rows(args)
     run_all(args, rows)
     summary = collect(args, rows)
-    before = next(iter(summary.values()))["runs"][0]["before"]
+    # Every run evaluates the same starting policy (with its own sampling seed): the start is their mean.
+    befores = [run["before"] for row in summary.values() for run in row["runs"]]
+    before = {key: statistics.fmean(b[key] for b in befores) for key in ("accuracy", "mean_tokens")}
     result = {"arguments": asdict(args), "before": before, "rows": summary}
     tmp = output_dir / "ablation.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
