@@ -17,11 +17,14 @@ main process samples one completion per held-out problem before and after traini
 import json
 import logging
 import os
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from peft import PeftModel
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl.rewards import get_soft_overlong_punishment
 
@@ -100,10 +103,10 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
     train_dataset = prepare_prompt_dataset(train_dataset, script_args.system_prompt, script_args.instruction)
-    if training_args.model_init_kwargs is None:
-        training_args.model_init_kwargs = {"dtype": model_args.dtype or "float32"}
-        if model_args.attn_implementation:
-            training_args.model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    # The policy's loading kwargs: GRPOConfig's model_init_kwargs if set, otherwise ModelConfig's dtype / attention.
+    model_kwargs = training_args.model_init_kwargs or {"dtype": model_args.dtype or "float32"}
+    if training_args.model_init_kwargs is None and model_args.attn_implementation:
+        model_kwargs["attn_implementation"] = model_args.attn_implementation
 
     reward_funcs = [gsm8k_accuracy_reward]
     if script_args.length_penalty_coef:
@@ -113,19 +116,25 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
         reward_funcs.append(get_soft_overlong_punishment(max_length, cache))
 
     eval_dataset, results = None, {}
-    evaluate = script_args.num_eval_problems > 0 and training_args.process_index == 0
-    if script_args.num_eval_problems > 0:
+    is_main_process = PartialState().is_main_process
+    evaluate = script_args.num_eval_problems > 0
+    if evaluate:
         eval_dataset = load_gsm8k(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
         eval_dataset = eval_dataset.select(range(min(script_args.num_eval_problems, len(eval_dataset))))
         eval_dataset = prepare_prompt_dataset(eval_dataset, script_args.system_prompt, script_args.instruction)
+
+    # The policy is loaded here (on every process: under ZeRO-3 loading shards it, a collective) so that the start
+    # evaluation sees exactly the weights training starts from.
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     if evaluate:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **training_args.model_init_kwargs)
-        results["before"] = _evaluate(model, tokenizer, eval_dataset, script_args, training_args)
-        del model
+        with _gathered(model.parameters()):  # every process takes part in gathering; the main one evaluates
+            if is_main_process:
+                results["before"] = _evaluate(model, tokenizer, eval_dataset, script_args, training_args)
+            PartialState().wait_for_everyone()
 
     trainer_class = LenVMGRPOTrainer if training_args.lenvm_model_name_or_path else GRPOTrainer
     trainer = trainer_class(
-        model=model_args.model_name_or_path,
+        model=model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
@@ -138,7 +147,18 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
     trainer.save_model(training_args.output_dir)
 
     if evaluate:
-        results["after"] = _evaluate(_trained_policy(trainer), tokenizer, eval_dataset, script_args, training_args)
+        if is_deepspeed_zero3_enabled():
+            # The engine's ZeRO-3 hooks turn every forward into a collective, so a forward on the main process alone
+            # would hang: reload the saved policy on every process instead (sharded as it loads) and gather it.
+            trainer.accelerator.wait_for_everyone()  # the main process has finished writing the checkpoint
+            policy = AutoModelForCausalLM.from_pretrained(training_args.output_dir, **model_kwargs)
+        else:
+            policy = trainer.accelerator.unwrap_model(trainer.model)  # with its LoRA adapter, if any
+        with _gathered(policy.parameters()):  # every process takes part in gathering; the main one evaluates
+            if is_main_process:
+                results["after"] = _evaluate(policy, tokenizer, eval_dataset, script_args, training_args)
+            trainer.accelerator.wait_for_everyone()
+    if evaluate and is_main_process:
         last_logs = [log for log in trainer.state.log_history if "loss" in log]
         results.update(
             trainer=trainer_class.__name__,
@@ -148,10 +168,14 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
             length_penalty_coef=script_args.length_penalty_coef,
             soft_overlong_cache=script_args.soft_overlong_cache,
             seed=training_args.seed,
+            num_processes=trainer.accelerator.num_processes,
+            distributed_type=str(trainer.accelerator.distributed_type),
             last_log=last_logs[-1] if last_logs else {},
         )
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as file:
+        path = os.path.join(training_args.output_dir, "results.json")
+        with open(f"{path}.tmp", "w") as file:  # atomic: an interrupted job never leaves a truncated file
             json.dump(results, file, indent=2)
+        os.replace(f"{path}.tmp", path)
         logger.info("results: %s", json.dumps(results))
     trainer.accelerator.wait_for_everyone()
     return trainer, results
@@ -169,15 +193,27 @@ def _evaluate(model, tokenizer, dataset, script_args, training_args) -> dict:
     )
 
 
-def _trained_policy(trainer):
-    """The trained policy as a plain causal LM: reloaded from disk when ZeRO-3 shards it, LoRA merged otherwise."""
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        return AutoModelForCausalLM.from_pretrained(trainer.args.output_dir, **trainer.args.model_init_kwargs)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+def _gathered(parameters):
+    """Gather ZeRO-3 shards for the duration of the block (a collective: every process enters it); nothing
+    without ZeRO-3."""
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(parameters))
 
 
 if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     main(script_args, training_args, model_args)
+    state = PartialState()
+    if state.num_processes > 1:
+        # A gloo worker thread can race interpreter shutdown (shared/docs/distributed_on_cpu.md): end cleanly, then
+        # leave without the interpreter's teardown.
+        state.wait_for_everyone()
+        state.destroy_process_group()
+        sys.stdout.write(f"done rank={state.process_index}\n")  # one write: both ranks share stdout
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -98,3 +98,62 @@ disable_tqdm: true
     with safe_open(output_dir / "model.safetensors", framework="pt") as handle:
         assert not [key for key in handle.keys() if "v_head" in key]  # the policy only
     assert not (output_dir / "value_head.safetensors").exists()
+
+
+def write_launch_config(path, tiny_world, output_dir, **overrides):
+    settings = {
+        "model_name_or_path": tiny_world / "policy",
+        "dataset_name": tiny_world / "data",
+        "instruction": "null",
+        "num_eval_problems": 4,
+        "lenvm_model_name_or_path": tiny_world / "lenvm",
+        "length_coef": 0.5,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 2,
+        "learning_rate": 1.0e-2,
+        "save_strategy": '"no"',
+        "report_to": "none",
+        "use_cpu": "true",
+        "bf16": "false",
+        "disable_tqdm": "true",
+        **overrides,
+    }
+    path.write_text("".join(f"{key}: {value}\n" for key, value in settings.items() if value != "<unset>"))
+    return path
+
+
+def check_two_process_run(output_dir, distributed_type):
+    """Two processes trained together and the main process alone evaluated (the whole policy) and wrote results."""
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["distributed_type"] == distributed_type
+    assert results["trainer"] == "LenVMGRPOTrainer" and results["global_step"] == 2
+    for stage in ("before", "after"):
+        assert 0.0 <= results[stage]["accuracy"] <= 1.0 and 1 <= results[stage]["mean_tokens"] <= 6
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_ddp(tiny_world, tmp_path):
+    from test_recipes_ppo import launch
+
+    output_dir = tmp_path / "run"
+    launch("cpu_ddp.yaml", write_launch_config(tmp_path / "grpo_ddp.yaml", tiny_world, output_dir), use_cpu=True,
+           recipe="grpo_gsm8k.py")  # fmt: skip
+    check_two_process_run(output_dir, "DistributedType.MULTI_CPU")
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_zero3(tiny_world, tmp_path):
+    pytest.importorskip("deepspeed")  # in the `dev` extra
+    from test_recipes_ppo import launch
+
+    output_dir = tmp_path / "run"
+    config = write_launch_config(tmp_path / "grpo_zero3.yaml", tiny_world, output_dir, use_cpu="<unset>",
+                                 ddp_backend="gloo")  # fmt: skip
+    launch("cpu_zero3.yaml", config, use_cpu=False, recipe="grpo_gsm8k.py")
+    check_two_process_run(output_dir, "DistributedType.DEEPSPEED")
+    # The policy was gathered from its ZeRO-3 shards into a whole, loadable checkpoint.
+    with safe_open(output_dir / "model.safetensors", framework="pt") as handle:
+        assert all(handle.get_slice(key).get_shape() != [0] for key in handle.keys())

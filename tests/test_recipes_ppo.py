@@ -213,15 +213,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch(accelerate_config, recipe_config, use_cpu):
-    """`accelerate launch recipes/ppo_gsm8k.py` on 2 processes. Success = both ranks printed "done" (the recipe
-    leaves with `os._exit(0)` after it, shared/docs/distributed_on_cpu.md)."""
+def launch(accelerate_config, recipe_config, use_cpu, recipe="ppo_gsm8k.py"):
+    """`accelerate launch recipes/<recipe>` on 2 processes. Success = both ranks printed "done" (the recipe leaves
+    with `os._exit(0)` after it, shared/docs/distributed_on_cpu.md)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "true"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
-               accelerate_config), "--main_process_port", str(free_port()), str(ROOT / "recipes" / "ppo_gsm8k.py"),
+               accelerate_config), "--main_process_port", str(free_port()), str(ROOT / "recipes" / recipe),
                "--config", str(recipe_config)]  # fmt: skip
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     done = set(re.findall(r"done rank=(\d)", proc.stdout))
