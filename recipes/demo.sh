@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=outputs/demo
-step() { printf '\n=== %s ===\n' "$*"; }
+step() { printf '\n=== %s [%s] ===\n' "$*" "$(date +%T)"; }
 
 step "1/7 demo world (tokenizer, problems, SFT policy): cached after the first build"
 $PY -m lenvm_rl.demo build --output_dir "$OUT/world"
