@@ -29,7 +29,13 @@ from .metrics import (  # noqa: F401
     token_budget_curve,
     value_mse,
 )
-from .modeling import LengthValueModel, LengthValueModelOutput, check_tokenizers_compatible, freeze_model  # noqa: F401
+from .modeling import (  # noqa: F401
+    LengthValueModel,
+    LengthValueModelOutput,
+    check_tokenizers_compatible,
+    freeze_model,
+    load_frozen_lenvm,
+)
 from .rewards import extract_gsm8k_answer, gsm8k_accuracy_reward, gsm8k_format_reward  # noqa: F401
 from .trainers.lenvm import LenVMConfig, LenVMTrainer  # noqa: F401
 from .trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer  # noqa: F401

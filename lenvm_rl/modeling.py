@@ -27,6 +27,7 @@ anyway, so the model is a plain module that exposes what trainers use: ``.config
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -46,6 +47,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .core import values_to_lengths
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "LENVM_CONFIG_NAME",
     "LENVM_FORMAT_VERSION",
@@ -54,6 +57,7 @@ __all__ = [
     "LengthValueModelOutput",
     "check_tokenizers_compatible",
     "freeze_model",
+    "load_frozen_lenvm",
 ]
 
 VALUE_HEAD_NAME = "value_head.safetensors"
@@ -489,7 +493,75 @@ def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
         )
 
 
+def load_frozen_lenvm(
+    lenvm: "LengthValueModel | str | os.PathLike",
+    policy_tokenizer,
+    gamma: float | None = None,
+    lenvm_tokenizer=None,
+) -> "LengthValueModel":
+    """
+    A frozen LenVM checked to read a policy's token ids: what the LenVM trainers do with `lenvm=` or
+    `--lenvm_model_name_or_path`.
+
+    A directory is loaded with [`LengthValueModel.from_pretrained`] (lenvm-rl or reference format; `gamma` is
+    required for the latter) together with its tokenizer when it has one; a given model's gamma is checked against
+    `gamma`. The LenVM must embed at least the policy's vocabulary, and when its tokenizer is known it must pass
+    [`check_tokenizers_compatible`] (without one, only the embedding size is checked and a warning says so).
+
+    Args:
+        lenvm ([`LengthValueModel`], `str` or `os.PathLike`):
+            The LenVM or its local directory.
+        policy_tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Tokenizer of the policy whose ids the LenVM will read.
+        gamma (`float`, *optional*):
+            The LenVM's discount: required for a reference-format directory, checked otherwise.
+        lenvm_tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*):
+            The LenVM's tokenizer, if not saved in its directory.
+
+    Returns:
+        [`LengthValueModel`]: the LenVM, frozen with [`freeze_model`].
+    """
+    lenvm, lenvm_tokenizer = _resolve_lenvm(lenvm, gamma, lenvm_tokenizer)
+    _check_lenvm_reads_policy_ids(lenvm, policy_tokenizer, lenvm_tokenizer)
+    return freeze_model(lenvm)
+
+
 # ---------------------------------------------------------------------- loading helpers
+def _resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
+    """The LenVM (loaded if a directory, its gamma checked if a model) and its tokenizer if one is known."""
+    if isinstance(lenvm, str | os.PathLike):
+        path = lenvm
+        lenvm = LengthValueModel.from_pretrained(path, gamma=gamma)
+        if lenvm_tokenizer is None and any(
+            os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
+        ):
+            from transformers import AutoTokenizer
+
+            lenvm_tokenizer = AutoTokenizer.from_pretrained(path)
+    elif not isinstance(lenvm, LengthValueModel):
+        raise ValueError(f"`lenvm` must be a LengthValueModel or a local directory, got {type(lenvm).__name__}.")
+    elif gamma is not None and not math.isclose(gamma, lenvm.gamma, abs_tol=1e-7):
+        raise ValueError(f"--lenvm_gamma {gamma} differs from the given LenVM's gamma {lenvm.gamma}.")
+    return lenvm, lenvm_tokenizer
+
+
+def _check_lenvm_reads_policy_ids(lenvm: "LengthValueModel", policy_tokenizer, lenvm_tokenizer) -> None:
+    """Raise unless the LenVM can read the policy's ids (embedding size; vocabularies when its tokenizer is known)."""
+    num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
+    if num_embeddings < len(policy_tokenizer):
+        raise ValueError(
+            f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has {len(policy_tokenizer)}: "
+            "the LenVM reads the policy's ids, so use a LenVM trained with the policy's tokenizer."
+        )
+    if lenvm_tokenizer is not None:
+        check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer)
+    else:
+        logger.warning(
+            "No tokenizer came with the LenVM: only its embedding size was checked against the policy's tokenizer. "
+            "Pass `lenvm_processing_class` to check the vocabularies."
+        )
+
+
 def _check_gamma(gamma: float) -> float:
     if not 0.0 < float(gamma) < 1.0:
         raise ValueError(

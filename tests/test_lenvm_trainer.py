@@ -124,7 +124,7 @@ def test_loss_is_token_average_over_the_batch(lenvm):
     loss = trainer.compute_loss(lenvm, batch, num_items_in_batch=batch["target_mask"].sum())
 
     squared, count = 0.0, 0
-    for i, example in enumerate(examples):
+    for example in examples:
         ids = torch.tensor([example["input_ids"]])
         values = lenvm(input_ids=ids).values[0].double().detach()
         for position, target in targets_by_hand(example, gamma):

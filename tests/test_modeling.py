@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel,
 
 import lenvm_rl.modeling as modeling
 from lenvm_rl.core import values_to_lengths
-from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible, freeze_model
+from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible, freeze_model, load_frozen_lenvm
 
 H = 32  # hidden size of the tiny models in conftest
 HEAD_SHAPES = {
@@ -322,6 +322,27 @@ def test_freeze_model(lenvm):
     assert not any(param.requires_grad for param in lenvm.parameters())
     assert not any(module.training for module in lenvm.modules())
     assert not lenvm(token_ids(4)[0][None]).values.requires_grad
+
+
+def test_load_frozen_lenvm_checks_what_the_trainers_need(tmp_path, lenvm, tiny_tokenizer, caplog):
+    wider = LengthValueModel.from_backbone(
+        make_tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer) + 2), gamma=0.99
+    )
+    wider.save_pretrained(tmp_path / "ours", tokenizer=make_tiny_tokenizer(("x", "y")))
+    loaded = load_frozen_lenvm(tmp_path / "ours", make_tiny_tokenizer(("x", "y")))
+    assert loaded.gamma == 0.99 and not any(param.requires_grad for param in loaded.parameters())
+    with pytest.raises(ValueError, match="mappings differ"):  # the tokenizer saved with the LenVM is compared
+        load_frozen_lenvm(tmp_path / "ours", make_tiny_tokenizer(("y", "x")))
+    with pytest.raises(ValueError, match="differs from the given LenVM's gamma"):
+        load_frozen_lenvm(lenvm, tiny_tokenizer, gamma=0.9)
+    with pytest.raises(ValueError, match="must be a LengthValueModel"):
+        load_frozen_lenvm(make_tiny_causal_lm("llama"), tiny_tokenizer)
+    bigger = make_tiny_tokenizer(extra_words=tuple(f"w{i}" for i in range(lenvm.backbone.config.vocab_size)))
+    with pytest.raises(ValueError, match="embeds"):
+        load_frozen_lenvm(lenvm, bigger)
+    with caplog.at_level("WARNING"):
+        load_frozen_lenvm(lenvm, tiny_tokenizer)  # no tokenizer to compare: only the embedding size is checked
+    assert "only its embedding size was checked" in caplog.text
 
 
 def test_lora_trains_adapters_and_head_only_and_saves_merged(tmp_path, lenvm):

@@ -32,17 +32,16 @@ advantages. Re-check these three when moving the pin.
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import prepare_deepspeed
 
 from ..core import length_advantages, lengths_to_values, values_to_lengths
-from ..modeling import LengthValueModel, check_tokenizers_compatible, freeze_model
+from ..modeling import LengthValueModel, _check_lenvm_reads_policy_ids, _resolve_lenvm, freeze_model
 from .lenvm_ppo import LENGTH_COEF_SCHEDULES, add_length_advantages, scheduled_length_coef
 
 logger = logging.getLogger(__name__)
@@ -420,32 +419,4 @@ def _load_lenvm(
             "LenVMGRPOTrainer needs a LenVM: set --lenvm_model_name_or_path or pass `lenvm=` (use trl.GRPOTrainer "
             "for plain GRPO)."
         )
-    if isinstance(lenvm, str | os.PathLike):
-        path = lenvm
-        lenvm = LengthValueModel.from_pretrained(path, gamma=args.lenvm_gamma)
-        has_tokenizer = any(
-            os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
-        )
-        if lenvm_processing_class is None and has_tokenizer:
-            lenvm_processing_class = AutoTokenizer.from_pretrained(path)
-    elif not isinstance(lenvm, LengthValueModel):
-        raise ValueError(f"`lenvm` must be a LengthValueModel or a local directory, got {type(lenvm).__name__}.")
-    elif args.lenvm_gamma is not None and not math.isclose(args.lenvm_gamma, lenvm.gamma, abs_tol=1e-7):
-        raise ValueError(f"--lenvm_gamma {args.lenvm_gamma} differs from the given LenVM's gamma {lenvm.gamma}.")
-    return lenvm, lenvm_processing_class
-
-
-def _check_lenvm_reads_policy_ids(lenvm: LengthValueModel, tokenizer, lenvm_tokenizer) -> None:
-    num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
-    if num_embeddings < len(tokenizer):
-        raise ValueError(
-            f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has {len(tokenizer)}: the LenVM "
-            "reads the policy's ids, so use a LenVM trained with the policy's tokenizer."
-        )
-    if lenvm_tokenizer is not None:
-        check_tokenizers_compatible(tokenizer, lenvm_tokenizer)
-    else:
-        logger.warning(
-            "No tokenizer came with the LenVM: only its embedding size was checked against the policy's tokenizer. "
-            "Pass `lenvm_processing_class` to check the vocabularies."
-        )
+    return _resolve_lenvm(lenvm, args.lenvm_gamma, lenvm_processing_class)

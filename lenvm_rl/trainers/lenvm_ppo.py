@@ -8,16 +8,15 @@ the advantages (step 5, the additive length advantage) and the log (step 7, `len
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..core import length_advantages, length_shaping_rewards, lengths_to_values, values_to_lengths
-from ..modeling import LengthValueModel, check_tokenizers_compatible, freeze_model
+from ..modeling import LengthValueModel, load_frozen_lenvm
 from .ppo import PPOConfig, PPOTrainer, RewardFunc, _position_ids
 
 logger = logging.getLogger(__name__)
@@ -300,32 +299,7 @@ class LenVMPPOTrainer(PPOTrainer):
                     "`lenvm=`), or use --length_mode penalty / none."
                 )
             return None
-        if isinstance(lenvm, str | os.PathLike):
-            path = lenvm
-            lenvm = LengthValueModel.from_pretrained(path, gamma=args.lenvm_gamma)
-            has_tokenizer = any(
-                os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
-            )
-            if lenvm_processing_class is None and has_tokenizer:
-                lenvm_processing_class = AutoTokenizer.from_pretrained(path)
-        elif not isinstance(lenvm, LengthValueModel):
-            raise ValueError(f"`lenvm` must be a LengthValueModel or a local directory, got {type(lenvm).__name__}.")
-        elif args.lenvm_gamma is not None and not math.isclose(args.lenvm_gamma, lenvm.gamma, abs_tol=1e-7):
-            raise ValueError(f"--lenvm_gamma {args.lenvm_gamma} differs from the given LenVM's gamma {lenvm.gamma}.")
-        num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
-        if num_embeddings < len(processing_class):
-            raise ValueError(
-                f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has {len(processing_class)}: "
-                "the LenVM reads the policy's ids, so use a LenVM trained with the policy's tokenizer."
-            )
-        if lenvm_processing_class is not None:
-            check_tokenizers_compatible(processing_class, lenvm_processing_class)
-        else:
-            logger.warning(
-                "No tokenizer came with the LenVM: only its embedding size was checked against the policy's "
-                "tokenizer. Pass `lenvm_processing_class` to check the vocabularies."
-            )
-        return freeze_model(lenvm)
+        return load_frozen_lenvm(lenvm, processing_class, args.lenvm_gamma, lenvm_processing_class)
 
     def _prepare_frozen_models(self):
         super()._prepare_frozen_models()
