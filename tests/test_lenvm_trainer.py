@@ -241,6 +241,20 @@ def test_mismatched_gamma_is_a_clear_error(lenvm):
         LenVMConfig(output_dir="x", gamma=1.0)
 
 
+def test_the_value_head_built_from_a_backbone_is_seeded(tmp_path):
+    # The head is initialised before Trainer.__init__ seeds the run: the same seed must give the same head (and the
+    # same run), another seed another head.
+    def head(seed):
+        torch.manual_seed(1000 + seed)  # whatever the global RNG state was before
+        args = tiny_args(tmp_path, gamma=0.9, seed=seed)
+        trainer = LenVMTrainer(str(_saved_backbone(tmp_path)), args=args, train_dataset=make_records())
+        return trainer.model.v_head.state_dict()
+
+    first, again, other = head(0), head(0), head(1)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert any(not torch.equal(first[key], other[key]) for key in first)
+
+
 def test_train_save_and_reload(tmp_path):
     tokenizer = make_tiny_tokenizer()
     records = make_records(num=16)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from ..core import gamma_for_length
 from ..modeling import VALUE_HEAD_NAME, LengthValueModel
@@ -171,6 +171,8 @@ class LenVMTrainer(Trainer):
         is_lenvm_dir = isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, VALUE_HEAD_NAME))
         if isinstance(model, (str, os.PathLike)) and not is_lenvm_dir:
             gamma = args.gamma if args.gamma is not None else _gamma_from_lengths(train_dataset, args)
+            # The value head is initialised here, before Trainer seeds the run: seed it, so a run is reproducible.
+            set_seed(args.seed)
             return LengthValueModel.from_backbone(model, gamma=gamma, **(args.model_init_kwargs or {})), gamma
         if is_lenvm_dir:
             model = LengthValueModel.from_pretrained(model, gamma=args.gamma, **(args.model_init_kwargs or {})).train()
