@@ -57,6 +57,7 @@ __all__ = [
     "LengthValueModelOutput",
     "check_tokenizers_compatible",
     "freeze_model",
+    "gathered_parameters",
     "load_frozen_lenvm",
 ]
 
@@ -491,6 +492,33 @@ def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
             + ". The LenVM reads the policy's token ids, so use a LenVM trained with the policy's tokenizer "
             "(or pretrain one from the policy with LengthValueModel.from_backbone)."
         )
+
+
+def gathered_parameters(parameters, modifier_rank: int | None = None):
+    """
+    Gather DeepSpeed ZeRO-3 shards for the duration of a `with` block; a no-op without ZeRO-3.
+
+    Entering is a collective: every process must enter the block, even if only one uses the whole weights (e.g. to
+    evaluate). With `modifier_rank`, that process's in-place changes are kept when the block ends.
+
+    Args:
+        parameters (`Iterable[torch.nn.Parameter]`):
+            The parameters to gather (those not sharded by ZeRO-3 are left alone).
+        modifier_rank (`int`, *optional*):
+            The process whose changes are broadcast to the shards on exit.
+
+    Returns:
+        A context manager.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        from contextlib import nullcontext
+
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=modifier_rank)
 
 
 def load_frozen_lenvm(

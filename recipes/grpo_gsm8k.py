@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
@@ -28,8 +27,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl.rewards import get_soft_overlong_punishment
 
-from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.evaluation import evaluate_gsm8k
+from lenvm_rl.modeling import gathered_parameters
 from lenvm_rl.rewards import gsm8k_accuracy_reward
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
@@ -37,24 +37,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOScriptArguments:
+class GRPOScriptArguments(GSM8KScriptArguments):
     """Data, baseline and evaluation arguments of `recipes/grpo_gsm8k.py`."""
 
-    dataset_name: str = field(
-        default="openai/gsm8k",
-        metadata={
-            "help": "Hub id or local path of GSM8K-format data (question, answer), e.g. outputs/demo/world/data."
-        },
-    )
-    dataset_config: str = field(default="main", metadata={"help": "Hub configuration (main or socratic)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split of the held-out evaluation problems."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Content of a leading system message."})
-    instruction: str | None = field(
-        default=DEFAULT_INSTRUCTION,
-        metadata={"help": "Text appended to each question (null for the demo world, whose policy saw none)."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N problems only."})
     length_penalty_coef: float = field(
         default=0.0, metadata={"help": "Baseline: add the sequence-level reward -alpha * completion tokens."}
     )
@@ -127,7 +112,7 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
     # evaluation sees exactly the weights training starts from.
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     if evaluate:
-        with _gathered(model.parameters()):  # every process takes part in gathering; the main one evaluates
+        with gathered_parameters(model.parameters()):  # every process takes part in gathering; the main one evaluates
             if is_main_process:
                 results["before"] = _evaluate(model, tokenizer, eval_dataset, script_args, training_args)
             PartialState().wait_for_everyone()
@@ -154,7 +139,7 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
             policy = AutoModelForCausalLM.from_pretrained(training_args.output_dir, **model_kwargs)
         else:
             policy = trainer.accelerator.unwrap_model(trainer.model)  # with its LoRA adapter, if any
-        with _gathered(policy.parameters()):  # every process takes part in gathering; the main one evaluates
+        with gathered_parameters(policy.parameters()):  # every process takes part in gathering; the main one evaluates
             if is_main_process:
                 results["after"] = _evaluate(policy, tokenizer, eval_dataset, script_args, training_args)
             trainer.accelerator.wait_for_everyone()
@@ -191,16 +176,6 @@ def _evaluate(model, tokenizer, dataset, script_args, training_args) -> dict:
         batch_size=script_args.eval_batch_size,
         seed=training_args.seed,
     )
-
-
-def _gathered(parameters):
-    """Gather ZeRO-3 shards for the duration of the block (a collective: every process enters it); nothing
-    without ZeRO-3."""
-    if not is_deepspeed_zero3_enabled():
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(parameters))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from accelerate import PartialState
@@ -44,8 +43,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 from trl.models.utils import unwrap_model_for_generation
 
-from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.evaluation import evaluate_gsm8k
+from lenvm_rl.modeling import gathered_parameters
 from lenvm_rl.rewards import gsm8k_accuracy_reward, gsm8k_format_reward
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 
@@ -55,17 +55,12 @@ RESULTS_NAME = "results.json"
 
 
 @dataclass
-class PPOScriptArguments:
+class PPOScriptArguments(GSM8KScriptArguments):
     """Data, critic, reward and evaluation arguments of `recipes/ppo_gsm8k.py`.
 
     Parameters:
-        dataset_name (`str`): Hub id or local path of GSM8K-format data (question, answer).
-        dataset_config (`str`): Hub configuration (main or socratic).
-        dataset_train_split (`str`): Split to train on.
-        dataset_test_split (`str`): Split of the held-out evaluation problems.
-        system_prompt (`str` or `None`): Content of a leading system message.
-        instruction (`str` or `None`): Text appended to each question (null for the demo world).
-        max_train_samples (`int` or `None`): Train on the first N problems only.
+        > The data arguments of [`~lenvm_rl.data.GSM8KScriptArguments`], then:
+
         value_model_name_or_path (`str` or `None`): Initial task critic (a sequence classifier with one label);
             `None` builds it from the policy's backbone with a zero head.
         format_reward_weight (`float`): Weight of the GSM8K format reward next to accuracy (weight 1); 0 leaves it out.
@@ -77,21 +72,6 @@ class PPOScriptArguments:
         eval_batch_size (`int`): Rows decoded together in the evaluation.
     """
 
-    dataset_name: str = field(
-        default="openai/gsm8k",
-        metadata={
-            "help": "Hub id or local path of GSM8K-format data (question, answer), e.g. outputs/demo/world/data."
-        },
-    )
-    dataset_config: str = field(default="main", metadata={"help": "Hub configuration (main or socratic)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split of the held-out evaluation problems."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Content of a leading system message."})
-    instruction: str | None = field(
-        default=DEFAULT_INSTRUCTION,
-        metadata={"help": "Text appended to each question (null for the demo world, whose policy saw none)."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N problems only."})
     value_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Initial task critic (sequence classifier, 1 label); None: the policy with a zero head."},
@@ -139,7 +119,7 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
         script_args.value_model_name_or_path or model_args.model_name_or_path, num_labels=1, **model_kwargs
     )
     if script_args.value_model_name_or_path is None:
-        with _gathered([value_model.score.weight], modifier_rank=0):
+        with gathered_parameters([value_model.score.weight], modifier_rank=0):
             nn.init.zeros_(value_model.score.weight)  # every value starts at 0, like the trainer's default critic
     peft_config = get_peft_config(model_args)
     ref_model = None  # a LoRA policy is its own reference, with its adapter disabled
@@ -166,7 +146,9 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
     if eval_dataset is not None:
         if not is_deepspeed_zero3_enabled():
             policy.to(training_args.device)
-        with _gathered(policy.parameters()):  # sharded under ZeRO-3: every process takes part in gathering it
+        with gathered_parameters(
+            policy.parameters()
+        ):  # sharded under ZeRO-3: every process takes part in gathering it
             if is_main_process:
                 previous = _read_json(results_path)
                 if previous.get("start") and previous.get("eval_settings") == eval_settings:
@@ -221,16 +203,6 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
         logger.info("Wrote %s", results_path)
     trainer.accelerator.wait_for_everyone()
     return results
-
-
-def _gathered(parameters, modifier_rank: int | None = None):
-    """Gather ZeRO-3 shards for the duration of the block (a collective: every process enters it); with
-    `modifier_rank`, that process's changes are kept. Nothing without ZeRO-3."""
-    if not is_deepspeed_zero3_enabled():
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=modifier_rank)
 
 
 def _eval_settings(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_args: ModelConfig) -> dict:
