@@ -27,7 +27,7 @@ from trl import TrlParser
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
 from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
 from lenvm_rl.metrics import length_deviation, length_score
-from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible
+from lenvm_rl.modeling import load_frozen_lenvm
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 CONSTRAINTS = ("equal_to", "at_most", "at_least")
@@ -118,8 +118,7 @@ def main(script_args: EvalLengthControlArguments) -> dict:
     torch.set_num_threads(script_args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
     policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
-    lenvm = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).eval()
-    check_tokenizers_compatible(tokenizer, AutoTokenizer.from_pretrained(script_args.lenvm_path))
+    lenvm = load_frozen_lenvm(script_args.lenvm_path, tokenizer, gamma=script_args.gamma)  # checks it reads our ids
     dataset = load_gsm8k(script_args.dataset_name, split=script_args.dataset_split)
     dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
     prompts = [

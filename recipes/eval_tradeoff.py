@@ -23,7 +23,7 @@ from trl import TrlParser
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
 from lenvm_rl.evaluation import accuracy_length_stats, budget_curve, write_tradeoff_results
 from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
-from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible
+from lenvm_rl.modeling import load_frozen_lenvm
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png
@@ -91,8 +91,7 @@ def main(script_args: EvalTradeoffArguments) -> dict:
     torch.set_num_threads(script_args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
     policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
-    lenvm = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).eval()
-    check_tokenizers_compatible(tokenizer, AutoTokenizer.from_pretrained(script_args.lenvm_path))
+    lenvm = load_frozen_lenvm(script_args.lenvm_path, tokenizer, gamma=script_args.gamma)  # checks it reads our ids
     dataset = load_gsm8k(script_args.dataset_name, split=script_args.dataset_split)
     dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
     questions = [q for q in dataset["question"] for _ in range(script_args.num_samples)]
