@@ -46,6 +46,7 @@ from .generation import _left_pad, _select_cache
 from .modeling import LengthValueModel
 
 __all__ = [
+    "GuidedEvalArguments",
     "GuidedGeneration",
     "LengthGuidanceConfig",
     "candidate_set",
@@ -628,3 +629,60 @@ def guided_generate_completions(
         prompt_values=prompt_values if guided else None,
         values=values if guided else None,
     )
+
+
+@dataclass
+class GuidedEvalArguments:
+    """
+    The arguments the guided-decoding evaluation recipes share (`recipes/eval_length_control.py`,
+    `recipes/eval_tradeoff.py`): the policy and its LenVM, the held-out problems, the candidate set and sampling.
+
+    Parameters:
+        policy_path (`str`): The policy (causal LM directory with its tokenizer).
+        lenvm_path (`str`): A LenVM trained on that policy's completions.
+        output_dir (`str`): Where the JSON and the PNG go.
+        dataset_name (`str`): Problems with `question` and `answer` (a local directory, file or hub id).
+        dataset_split (`str`): Split of held-out problems.
+        num_problems (`int`): Problems evaluated (the first ones of the split).
+        system_prompt (`str` or `None`): System message of the prompts.
+        instruction (`str` or `None`): Text appended to each question.
+        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
+        top_k (`int`): Candidates per step.
+        top_p (`float`): Nucleus filter inside the candidates.
+        min_p (`float`): Min-p filter inside the candidates.
+        temperature (`float`): Sampling temperature.
+        max_new_tokens (`int`): Length cap.
+        batch_size (`int`): Prompts per batch.
+        seed (`int`): Sampling seed.
+        num_threads (`int`): `torch.set_num_threads`.
+    """
+
+    policy_path: str = field(metadata={"help": "The policy (causal LM directory with its tokenizer)."})
+    lenvm_path: str = field(metadata={"help": "A LenVM trained on that policy's completions."})
+    output_dir: str = field(metadata={"help": "Where the JSON and the PNG go."})
+    dataset_name: str = field(
+        default="outputs/demo/world/data", metadata={"help": "Problems with question/answer (dir, file or hub id)."}
+    )
+    dataset_split: str = field(default="test", metadata={"help": "Split of held-out problems."})
+    num_problems: int = field(default=64, metadata={"help": "Problems evaluated (the first ones of the split)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message of the prompts."})
+    instruction: str | None = field(default=None, metadata={"help": "Text appended to each question."})
+    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
+    top_k: int = field(default=8, metadata={"help": "Candidates per step."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the candidates."})
+    min_p: float = field(default=0.0, metadata={"help": "Min-p filter inside the candidates."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    num_threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
+
+    def sampling_kwargs(self) -> dict:
+        """The [`LengthGuidanceConfig`] fields these arguments set (candidate set, temperature, length cap)."""
+        return dict(
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+        )

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
-from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
+from lenvm_rl.guidance import GuidedEvalArguments, LengthGuidanceConfig, guided_generate_completions
 from lenvm_rl.metrics import length_deviation, length_score
 from lenvm_rl.modeling import load_frozen_lenvm
 from lenvm_rl.rewards import extract_gsm8k_answer
@@ -35,56 +35,22 @@ RESULTS_NAME, PLOT_NAME = "length_control.json", "length_control.png"
 
 
 @dataclass
-class EvalLengthControlArguments:
+class EvalLengthControlArguments(GuidedEvalArguments):
     """Arguments of `recipes/eval_length_control.py`.
 
     Parameters:
-        policy_path (`str`): The policy (causal LM directory with its tokenizer).
-        lenvm_path (`str`): A LenVM trained on that policy's completions.
-        output_dir (`str`): Where the JSON and the PNG go.
-        dataset_name (`str`): Problems with `question` and `answer` (a local directory, file or hub id).
-        dataset_split (`str`): Split of held-out problems.
-        num_problems (`int`): Problems evaluated (the first ones of the split).
+        > The arguments of [`~lenvm_rl.guidance.GuidedEvalArguments`], then:
+
         target_lengths (`list[int]`): Target lengths `T` in tokens, stop token included.
         constraints (`list[str]`): Any of equal_to, at_most, at_least.
-        system_prompt (`str` or `None`): System message of the prompts.
-        instruction (`str` or `None`): Text appended to each question.
-        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
-        top_k (`int`): Candidates per step.
-        top_p (`float`): Nucleus filter inside the candidates.
-        min_p (`float`): Min-p filter inside the candidates.
-        temperature (`float`): Sampling temperature of the unguided run and of At Most / At Least.
-        max_new_tokens (`int`): Length cap.
-        batch_size (`int`): Prompts per batch.
-        seed (`int`): Sampling seed.
-        num_threads (`int`): `torch.set_num_threads`.
     """
 
-    policy_path: str = field(metadata={"help": "The policy (causal LM directory with its tokenizer)."})
-    lenvm_path: str = field(metadata={"help": "A LenVM trained on that policy's completions."})
-    output_dir: str = field(metadata={"help": "Where the JSON and the PNG go."})
-    dataset_name: str = field(
-        default="outputs/demo/world/data", metadata={"help": "Problems with question/answer (dir, file or hub id)."}
-    )
-    dataset_split: str = field(default="test", metadata={"help": "Split of held-out problems."})
-    num_problems: int = field(default=64, metadata={"help": "Problems evaluated (the first ones of the split)."})
     target_lengths: list[int] = field(
         default_factory=lambda: [16, 32, 64, 128, 256], metadata={"help": "Target lengths in tokens (EOS included)."}
     )
     constraints: list[str] = field(
         default_factory=lambda: list(CONSTRAINTS), metadata={"help": "Any of equal_to, at_most, at_least."}
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "System message of the prompts."})
-    instruction: str | None = field(default=None, metadata={"help": "Text appended to each question."})
-    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
-    top_k: int = field(default=8, metadata={"help": "Candidates per step."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the candidates."})
-    min_p: float = field(default=0.0, metadata={"help": "Min-p filter inside the candidates."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (unguided, at_most, at_least)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per batch."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    num_threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
 
     def __post_init__(self):
         unknown = set(self.constraints) - set(CONSTRAINTS)
@@ -125,13 +91,7 @@ def main(script_args: EvalLengthControlArguments) -> dict:
         make_conversational_prompt(q, script_args.system_prompt, script_args.instruction) for q in dataset["question"]
     ]
     golds = [extract_gsm8k_answer(a) for a in dataset["answer"]]
-    sampling = dict(
-        top_k=script_args.top_k,
-        top_p=script_args.top_p,
-        min_p=script_args.min_p,
-        temperature=script_args.temperature,
-        max_new_tokens=script_args.max_new_tokens,
-    )
+    sampling = script_args.sampling_kwargs()
     run = dict(batch_size=script_args.batch_size, seed=script_args.seed, progress=True)
 
     # 1. Unguided: one run, scored against every target.

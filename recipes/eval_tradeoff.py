@@ -22,7 +22,7 @@ from trl import TrlParser
 
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
 from lenvm_rl.evaluation import accuracy_length_stats, budget_curve, write_tradeoff_results
-from lenvm_rl.guidance import LengthGuidanceConfig, guided_generate_completions
+from lenvm_rl.guidance import GuidedEvalArguments, LengthGuidanceConfig, guided_generate_completions
 from lenvm_rl.modeling import load_frozen_lenvm
 from lenvm_rl.rewards import extract_gsm8k_answer
 
@@ -30,37 +30,18 @@ RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png
 
 
 @dataclass
-class EvalTradeoffArguments:
+class EvalTradeoffArguments(GuidedEvalArguments):
     """Arguments of `recipes/eval_tradeoff.py`.
 
     Parameters:
-        policy_path (`str`): The policy (causal LM directory with its tokenizer).
-        lenvm_path (`str`): A LenVM trained on that policy's completions.
-        output_dir (`str`): Where the JSON and the PNG go.
-        dataset_name (`str`): Problems with `question` and `answer`.
-        dataset_split (`str`): Split of held-out problems.
+        > The arguments of [`~lenvm_rl.guidance.GuidedEvalArguments`], then:
+
         num_problems (`int`): Problems evaluated.
         num_samples (`int`): Completions per problem and beta.
         betas (`list[float]`): Tilt strengths; 0 must be included (the budget baseline uses it).
         budgets (`list[int]` or `None`): Token budgets of the baseline; default every 8 tokens up to the longest.
-        system_prompt (`str` or `None`): System message of the prompts.
-        instruction (`str` or `None`): Text appended to each question.
-        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
-        top_k (`int`): Candidates per step.
-        top_p (`float`): Nucleus filter inside the candidates.
-        min_p (`float`): Min-p filter inside the candidates.
-        temperature (`float`): Sampling temperature.
-        max_new_tokens (`int`): Length cap.
-        batch_size (`int`): Prompts per batch.
-        seed (`int`): Sampling seed.
-        num_threads (`int`): `torch.set_num_threads`.
     """
 
-    policy_path: str = field(metadata={"help": "The policy (causal LM directory with its tokenizer)."})
-    lenvm_path: str = field(metadata={"help": "A LenVM trained on that policy's completions."})
-    output_dir: str = field(metadata={"help": "Where the JSON and the PNG go."})
-    dataset_name: str = field(default="outputs/demo/world/data", metadata={"help": "Problems with question/answer."})
-    dataset_split: str = field(default="test", metadata={"help": "Split of held-out problems."})
     num_problems: int = field(default=200, metadata={"help": "Problems evaluated."})
     num_samples: int = field(default=1, metadata={"help": "Completions per problem and beta."})
     betas: list[float] = field(
@@ -70,17 +51,6 @@ class EvalTradeoffArguments:
     budgets: list[int] | None = field(
         default=None, metadata={"help": "Token budgets of the baseline; default every 8 tokens up to the longest."}
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "System message of the prompts."})
-    instruction: str | None = field(default=None, metadata={"help": "Text appended to each question."})
-    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
-    top_k: int = field(default=8, metadata={"help": "Candidates per step."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the candidates."})
-    min_p: float = field(default=0.0, metadata={"help": "Min-p filter inside the candidates."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per batch."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    num_threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
 
     def __post_init__(self):
         if 0.0 not in self.betas:
@@ -101,15 +71,7 @@ def main(script_args: EvalTradeoffArguments) -> dict:
     # 1. One run per beta (beta = 0 is the untilted policy).
     tilt = {}
     for beta in sorted(script_args.betas, reverse=True):
-        config = LengthGuidanceConfig(
-            "tilt",
-            beta=beta,
-            top_k=script_args.top_k,
-            top_p=script_args.top_p,
-            min_p=script_args.min_p,
-            temperature=script_args.temperature,
-            max_new_tokens=script_args.max_new_tokens,
-        )
+        config = LengthGuidanceConfig("tilt", beta=beta, **script_args.sampling_kwargs())
         out = guided_generate_completions(
             policy, tokenizer, prompts, lenvm, config, batch_size=script_args.batch_size, seed=script_args.seed,
             progress=True,
