@@ -59,11 +59,32 @@ __all__ = [
     "freeze_model",
     "gathered_parameters",
     "load_frozen_lenvm",
+    "position_ids_from_mask",
 ]
 
 VALUE_HEAD_NAME = "value_head.safetensors"
 LENVM_CONFIG_NAME = "lenvm_config.json"
 LENVM_FORMAT_VERSION = 1
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Padding-aware position ids: ``max(cumsum(mask) - 1, 0)``, so real tokens count 0, 1, 2, ... in every row.
+
+    Llama/Qwen2-style backbones do not derive positions from the attention mask, so a left-padded row would start
+    at the padding width; these positions make a row's outputs independent of its padding side and batch.
+
+    Args:
+        attention_mask (`torch.Tensor`): `(B, T)`, 1 (or True) on real tokens.
+
+    Returns:
+        `torch.LongTensor`: `(B, T)` positions (0 on leading padding).
+
+    Example:
+        >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]]))
+        tensor([[0, 0, 0, 1, 2],
+                [0, 1, 2, 3, 3]])
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -335,8 +356,7 @@ class LengthValueModel(nn.Module):
             float32.
         """
         if position_ids is None and attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
-            position_ids = positions[:, -input_ids.shape[1] :]  # (B, T)
+            position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # (B, T)
         kwargs.setdefault("use_cache", False)
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs

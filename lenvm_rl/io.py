@@ -1,0 +1,60 @@
+"""Crash-safe file writes: a file appears whole or not at all, with the user's usual permissions.
+
+Every result file, rollout chunk, manifest and checkpoint metadata file of lenvm-rl goes through these helpers. A
+write goes to a temporary file in the target's directory (same file system, so the final ``os.replace`` is an
+atomic rename), is flushed and fsynced, and only then renamed over the target. A crash leaves either the old file
+or the new one, never a truncated mixture, and the temporary file is removed on any error.
+
+``tempfile.mkstemp`` creates files readable by their owner only (0600); the helpers give the result the
+permissions a plain ``open(path, "w")`` would (0666 minus the umask), so results stay readable by a team.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["default_file_mode", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
+
+
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 without the process's umask bits."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (temporary file, fsync, rename); the parent directory must exist.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = write_text_atomic(pathlib.Path(tmp) / "a.txt", "hello")
+        ...     path.read_text(), sorted(p.name for p in pathlib.Path(tmp).iterdir())
+        ('hello', ['a.txt'])
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write `obj` as JSON (with a final newline) to `path` atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> Path:
+    """Write `records` as JSON lines to `path` atomically."""
+    return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
