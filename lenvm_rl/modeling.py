@@ -55,11 +55,13 @@ __all__ = [
     "VALUE_HEAD_NAME",
     "LengthValueModel",
     "LengthValueModelOutput",
+    "check_lenvm_reads_policy_ids",
     "check_tokenizers_compatible",
     "freeze_model",
     "gathered_parameters",
     "load_frozen_lenvm",
     "position_ids_from_mask",
+    "resolve_lenvm",
 ]
 
 VALUE_HEAD_NAME = "value_head.safetensors"
@@ -454,11 +456,11 @@ class LengthValueModel(nn.Module):
 
 
 def freeze_model(model: nn.Module) -> nn.Module:
-    """Freeze a model for use as a fixed critic: no parameter takes gradients and it is in eval mode.
+    """Freeze a model for use as a fixed critic: no parameter takes gradients, dropout is off and it is in eval mode.
 
-    This is the single freezing path of the package (the frozen LenVM of the RL trainers, reference models).
-    A later ``.train()`` call on the model itself undoes the eval mode, so keep frozen models out of modules
-    that a trainer switches to training mode.
+    This is the single freezing path of the package (the frozen LenVM of the RL trainers, reference and reward
+    models). Dropout probabilities are set to 0 as well, so a later ``.train()`` call (which undoes the eval mode)
+    still leaves the model's outputs deterministic.
 
     Args:
         model (`torch.nn.Module`):
@@ -468,6 +470,9 @@ def freeze_model(model: nn.Module) -> nn.Module:
         `torch.nn.Module`: the same ``model``.
     """
     model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     return model.eval()
 
 
@@ -569,13 +574,13 @@ def load_frozen_lenvm(
     Returns:
         [`LengthValueModel`]: the LenVM, frozen with [`freeze_model`].
     """
-    lenvm, lenvm_tokenizer = _resolve_lenvm(lenvm, gamma, lenvm_tokenizer)
-    _check_lenvm_reads_policy_ids(lenvm, policy_tokenizer, lenvm_tokenizer)
+    lenvm, lenvm_tokenizer = resolve_lenvm(lenvm, gamma, lenvm_tokenizer)
+    check_lenvm_reads_policy_ids(lenvm, policy_tokenizer, lenvm_tokenizer)
     return freeze_model(lenvm)
 
 
 # ---------------------------------------------------------------------- loading helpers
-def _resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
+def resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
     """The LenVM (loaded if a directory, its gamma checked if a model) and its tokenizer if one is known."""
     if isinstance(lenvm, str | os.PathLike):
         path = lenvm
@@ -593,7 +598,7 @@ def _resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
     return lenvm, lenvm_tokenizer
 
 
-def _check_lenvm_reads_policy_ids(lenvm: "LengthValueModel", policy_tokenizer, lenvm_tokenizer) -> None:
+def check_lenvm_reads_policy_ids(lenvm: "LengthValueModel", policy_tokenizer, lenvm_tokenizer) -> None:
     """Raise unless the LenVM can read the policy's ids (embedding size; vocabularies when its tokenizer is known)."""
     num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
     if num_embeddings < len(policy_tokenizer):

@@ -12,7 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
-from lenvm_rl.trainers.lenvm_ppo import scheduled_length_coef
+from lenvm_rl.rl_math import scheduled_length_coef
 
 GAMMA = 0.9
 
@@ -282,7 +282,7 @@ def run_grpo(trainer_class, tmp_path, tokenizer, **kwargs):
 
 
 def test_coef_zero_reproduces_grpo_trainer_exactly(tmp_path, tokenizer):
-    """Same seed, same data: identical losses, gradient norms and parameters, with the LenVM running alongside."""
+    """Same seed, same data: identical losses, gradient norms and parameters; with s = 0 the LenVM never runs."""
     common = dict(max_steps=2, num_iterations=2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     plain = run_grpo(GRPOTrainer, tmp_path / "plain", tokenizer, **common)
     lenvm = run_grpo(LenVMGRPOTrainer, tmp_path / "lenvm", tokenizer, length_coef=0.0, **common)
@@ -294,7 +294,8 @@ def test_coef_zero_reproduces_grpo_trainer_exactly(tmp_path, tokenizer):
     plain_state, lenvm_state = plain.model.state_dict(), lenvm.model.state_dict()
     assert plain_state.keys() == lenvm_state.keys()
     assert all(torch.equal(plain_state[k], lenvm_state[k]) for k in plain_state)
-    assert "length/predicted_tokens_mean" in lenvm.state.log_history[0]  # the LenVM did run
+    assert "length/predicted_tokens_mean" not in lenvm.state.log_history[0]  # the LenVM did not run ...
+    assert "length/response_tokens_mean" in lenvm.state.log_history[0]  # ... the lengths are still logged
 
     # ... and a non-zero coefficient changes the update.
     shorter = run_grpo(LenVMGRPOTrainer, tmp_path / "coef", tokenizer, length_coef=1.0, **common)

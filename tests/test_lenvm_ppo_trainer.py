@@ -10,12 +10,7 @@ from datasets import Dataset
 from safetensors import safe_open
 
 from lenvm_rl.modeling import LENVM_CONFIG_NAME, LengthValueModel
-from lenvm_rl.trainers.lenvm_ppo import (
-    LenVMPPOConfig,
-    LenVMPPOTrainer,
-    add_length_advantages,
-    scheduled_length_coef,
-)
+from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
 
 
@@ -115,47 +110,14 @@ def test_config_defaults(tmp_path):
         (dict(length_lam=1.5), "--length_lam"),
         (dict(length_gamma=1.0), "--length_gamma"),
         (dict(lenvm_gamma=0.0), "--lenvm_gamma"),
+        (dict(length_coef=float("nan")), "--length_coef"),
+        (dict(length_coef=float("inf")), "--length_coef"),
+        (dict(length_mode="none", length_coef=0.5), "--length_coef"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_flag(tmp_path, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         LenVMPPOConfig(output_dir=str(tmp_path), **kwargs)
-
-
-def test_schedules_by_hand():
-    constant = [scheduled_length_coef(u, 5, 0.4) for u in range(5)]
-    assert constant == [0.4] * 5
-    warmup = [scheduled_length_coef(u, 5, 0.4, "constant", warmup_steps=2) for u in range(5)]
-    assert warmup == pytest.approx([0.0, 0.4 * 1 / 2, 0.4, 0.4, 0.4])
-    decay = [scheduled_length_coef(u, 4, 0.4, "linear") for u in range(4)]
-    assert decay == pytest.approx([0.4 * 4 / 4, 0.4 * 3 / 4, 0.4 * 2 / 4, 0.4 * 1 / 4])
-    both = [scheduled_length_coef(u, 5, -0.3, "linear", warmup_steps=1) for u in range(5)]
-    assert both == pytest.approx([0.0, -0.3 * 4 / 4, -0.3 * 3 / 4, -0.3 * 2 / 4, -0.3 * 1 / 4])
-    with pytest.raises(ValueError, match="schedule"):
-        scheduled_length_coef(3, 5, 0.4, "cosine")
-
-
-def test_add_length_advantages_by_hand_and_invariances():
-    advantages = torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.2, -0.7]])
-    length_advantages = torch.tensor([[0.3, -0.1, 9.0], [0.2, 0.4, 0.1]])
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    rms = math.sqrt((0.3**2 + 0.1**2 + 0.2**2 + 0.4**2 + 0.1**2) / 5)  # real tokens only, mean not removed
-    expected = torch.tensor(
-        [
-            [0.5 + 2 * 0.3 / rms, -1.0 + 2 * -0.1 / rms, 0.0],
-            [1.0 + 2 * 0.2 / rms, 0.2 + 2 * 0.4 / rms, -0.7 + 2 * 0.1 / rms],
-        ]
-    )
-    out = add_length_advantages(advantages, length_advantages, mask, coef=2.0)
-    torch.testing.assert_close(out, expected)
-    # The drift keeps its sign: an all-positive A_len moves every advantage up.
-    shifted = add_length_advantages(advantages, torch.ones_like(advantages), mask, coef=1.0)
-    torch.testing.assert_close(shifted, (advantages + 1.0) * mask)
-    # Invariant to the scale of A_len (s is unitless); coefficient 0 is the identity, bit for bit.
-    torch.testing.assert_close(add_length_advantages(advantages, 1e-2 * length_advantages, mask, 2.0), out)
-    assert torch.equal(add_length_advantages(advantages, length_advantages, mask, 0.0), advantages * mask)
-    # An all-zero A_len (nothing to learn) adds nothing and makes no NaN.
-    assert torch.equal(add_length_advantages(advantages, torch.zeros_like(advantages), mask, 1.0), advantages * mask)
 
 
 # ---------------------------------------------------------------------------------------------- one update, by hand
@@ -340,7 +302,7 @@ def run(tmp_path, tokenizer, trainer_class, lenvm=None, **kwargs):
 
 @pytest.mark.parametrize(
     "length_mode, length_coef",
-    [("none", 0.5), ("advantage", 0.0), ("shaping", 0.0), ("penalty", 0.0)],
+    [("none", 0.0), ("advantage", 0.0), ("shaping", 0.0), ("penalty", 0.0)],
 )
 def test_no_length_term_is_bit_identical_to_ppo(tmp_path, tokenizer, length_mode, length_coef):
     _, expected_params, expected_losses = run(tmp_path, tokenizer, PPOTrainer)

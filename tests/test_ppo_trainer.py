@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
-from lenvm_rl.trainers.utils import masked_whiten
+from lenvm_rl.rl_math import masked_whiten
 
 TRL_METRICS = [
     "objective/kl",

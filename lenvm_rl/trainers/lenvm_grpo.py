@@ -31,18 +31,18 @@ advantages. Re-check these three when moving the pin.
 """
 
 import logging
-import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import prepare_deepspeed
 
-from ..core import length_advantages, lengths_to_values, values_to_lengths
-from ..modeling import LengthValueModel, _check_lenvm_reads_policy_ids, _resolve_lenvm, freeze_model
-from .lenvm_ppo import LENGTH_COEF_SCHEDULES, add_length_advantages, scheduled_length_coef
+from ..core import length_advantages
+from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
+from ..rl_math import check_finite, combine_advantages, rms_normalize_length_advantages, scheduled_length_coef
+from .length_critic import LengthCriticConfigMixin, length_metrics, lenvm_state_values, load_length_critic
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,11 @@ __all__ = ["LenVMGRPOConfig", "LenVMGRPOTrainer"]
 
 
 @dataclass
-class LenVMGRPOConfig(GRPOConfig):
+class LenVMGRPOConfig(LengthCriticConfigMixin, GRPOConfig):
     r"""
     Configuration of [`LenVMGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus the length critic's knobs. With
     `length_coef=0` (the default) training is exactly [`~trl.GRPOTrainer`]'s (same losses and parameters, bit for
-    bit); the LenVM then only feeds the `length/` metrics.
+    bit) and the LenVM is never run (only the length statistics that need no LenVM are logged).
 
     Loss types. Every loss type works with the per-token advantage except two options whose definition is
     sequence-level and keyed on the *sign* of the advantage; with a per-token advantage that sign differs from token to
@@ -72,63 +72,18 @@ class LenVMGRPOConfig(GRPOConfig):
     Parameters:
         > Parameters that control the length critic
 
-        lenvm_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            Local directory of a LenVM ([`~lenvm_rl.LengthValueModel`] format or the reference format). Required
-            unless a model is passed to the trainer as `lenvm`.
-        lenvm_gamma (`float` or `None`, *optional*, defaults to `None`):
-            Discount the LenVM was trained with; needed for reference-format checkpoints (they do not store it, the
-            paper's released LenVMs use 0.997), checked against the stored value otherwise.
         length_coef (`float`, *optional*, defaults to `0.0`):
             `s` in `A = A_seq + s * A_len / rms(A_len)`. Positive values favour shorter completions, negative values
             longer ones. Unitless: the scaled length advantage has unit root mean square over the generation batch's
             real tokens, the scale of GRPO's group-normalised `A_seq` (with `scale_rewards="none"`, `A_seq` is in
-            reward units instead).
-        length_coef_schedule (`str`, *optional*, defaults to `"constant"`):
-            `"constant"` or `"linear"` (decays to 0 at the last optimizer step), after `length_coef_warmup_steps`.
-        length_coef_warmup_steps (`int`, *optional*, defaults to `0`):
-            Optimizer steps over which the coefficient rises linearly from 0.
-        length_gamma (`float` or `None`, *optional*, defaults to `None`):
-            Discount of the length advantage; `None` uses the LenVM's gamma (anything else mismatches its values).
-        length_lam (`float`, *optional*, defaults to `1.0`):
-            GAE lambda of the length advantage; 1 gives `A_len_t = G_t - v(s_t)` (realised minus predicted remaining
-            length, in value units), smaller values lean on the LenVM's own bootstrap.
+            reward units instead). 0 is plain GRPO and never runs the LenVM.
+        lenvm_model_name_or_path, lenvm_gamma, length_coef_schedule, length_coef_warmup_steps, length_gamma,
+        length_lam:
+            See [`~lenvm_rl.trainers.length_critic.LengthCriticConfigMixin`]; the schedule counts optimizer steps.
     """
-
-    lenvm_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Local directory of a LenVM (lenvm-rl or reference format)."}
-    )
-    lenvm_gamma: float | None = field(
-        default=None, metadata={"help": "Discount the LenVM was trained with (needed for reference checkpoints)."}
-    )
-    length_coef: float = field(
-        default=0.0,
-        metadata={"help": "s in A = A_seq + s * A_len / rms(A_len); > 0 favours shorter completions, 0 is GRPO."},
-    )
-    length_coef_schedule: Literal["constant", "linear"] = field(
-        default="constant", metadata={"help": "Schedule of length_coef after warm-up: constant or linear decay."}
-    )
-    length_coef_warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps over which length_coef rises linearly from 0."}
-    )
-    length_gamma: float | None = field(
-        default=None, metadata={"help": "Discount of the length advantage (None: the LenVM's gamma)."}
-    )
-    length_lam: float = field(default=1.0, metadata={"help": "GAE lambda of the length advantage."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.length_coef_schedule not in LENGTH_COEF_SCHEDULES:
-            raise ValueError(
-                f"--length_coef_schedule must be one of {LENGTH_COEF_SCHEDULES}, got {self.length_coef_schedule!r}"
-            )
-        if self.length_coef_warmup_steps < 0:
-            raise ValueError(f"--length_coef_warmup_steps must be >= 0, got {self.length_coef_warmup_steps}")
-        if not 0.0 <= self.length_lam <= 1.0:
-            raise ValueError(f"--length_lam must be in [0, 1], got {self.length_lam}")
-        for name in ("lenvm_gamma", "length_gamma"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value < 1.0:
-                raise ValueError(f"--{name} must be in (0, 1), got {value}")
         if self.length_coef != 0.0:
             if self.loss_type == "vespo":
                 raise ValueError(
@@ -159,7 +114,7 @@ class LenVMGRPOTrainer(GRPOTrainer):
     `max_completion_length` bootstraps from the LenVM's value after the cut (it is never treated as finished).
     The raw `A_len` ([`~lenvm_rl.core.length_advantages`], with `length_gamma` and `length_lam`) is divided by its
     root mean square over the real tokens of the generation batch of *all* processes, without removing its mean
-    (the same normalisation as [`~lenvm_rl.LenVMPPOTrainer`], see [`~lenvm_rl.trainers.lenvm_ppo.add_length_advantages`]):
+    (the same normalisation as [`~lenvm_rl.LenVMPPOTrainer`], see [`~lenvm_rl.rl_math.rms_normalize_length_advantages`]):
     `s` is then the size of the length term relative to the unit-scale `A_seq`, and a token whose remainder was
     shorter than the LenVM predicted always gets positive length credit. The scale is fixed per generation batch, so
     every micro-batch and every one of the `num_iterations` passes uses the same advantages. With
@@ -233,7 +188,13 @@ class LenVMGRPOTrainer(GRPOTrainer):
             )
         # Loaded before GRPOTrainer seeds the run; GRPOTrainer calls set_seed first, so the LenVM's construction cannot
         # shift the seeded RNG stream either way (length_coef=0 reproduces GRPOTrainer bit for bit).
-        lenvm, lenvm_processing_class = _load_lenvm(args, lenvm, lenvm_processing_class)
+        lenvm, lenvm_processing_class = load_length_critic(
+            args,
+            lenvm,
+            lenvm_processing_class,
+            missing_message="LenVMGRPOTrainer needs a LenVM: set --lenvm_model_name_or_path or pass `lenvm=` (use "
+            "trl.GRPOTrainer for plain GRPO).",
+        )
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -250,19 +211,12 @@ class LenVMGRPOTrainer(GRPOTrainer):
         )
         if self._is_vlm:
             raise ValueError("LenVMGRPOTrainer supports text-only policies: the LenVM reads text token ids only.")
-        _check_lenvm_reads_policy_ids(lenvm, self._tokenizer, lenvm_processing_class)
+        check_lenvm_reads_policy_ids(lenvm, self._tokenizer, lenvm_processing_class)
 
         self.lenvm_gamma = lenvm.gamma
         self.length_gamma = args.length_gamma if args.length_gamma is not None else self.lenvm_gamma
-        if not math.isclose(self.length_gamma, self.lenvm_gamma, abs_tol=1e-9):
-            logger.warning(
-                "--length_gamma %s differs from the LenVM's gamma %s: the length advantage then mixes two horizons.",
-                self.length_gamma,
-                self.lenvm_gamma,
-            )
         # Placed like GRPOTrainer's reward models. Under ZeRO-3 its forward is a collective: every process must call
         # it the same number of times (see `compute_length_values`).
-        lenvm = freeze_model(lenvm)
         if self.is_deepspeed_enabled:
             self.lenvm = prepare_deepspeed(lenvm, self.accelerator)
         else:
@@ -301,32 +255,22 @@ class LenVMGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ 2. score: LenVM values and length advantages
 
-    @torch.no_grad()
     def compute_length_values(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, response_mask
     ) -> torch.Tensor:
         """The frozen LenVM's values `(B, T + 1)` of the states `s_0 .. s_T` of each prompt + completion.
 
-        Prompts are left-padded to width `P`, so column `t` reads position `P - 1 + t` for every row. Positions
-        count real tokens only. Rows go through the LenVM in fixed chunks of the per-device batch size: every
-        process holds the same number of rows, so under ZeRO-3 all processes make the same number of (collective)
-        forward calls.
+        Prompts are left-padded to width `P`, so column `t` reads position `P - 1 + t` for every row. Rows go
+        through the LenVM in fixed chunks of the per-device batch size
+        ([`~lenvm_rl.trainers.length_critic.lenvm_state_values`]).
         """
-        P = prompt_ids.size(1)
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
         attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)  # (B, P + T)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P + T)
         mode = "train" if self.model.training else "eval"
         chunk = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        length_values = []
-        for i in range(0, input_ids.size(0), chunk):
-            rows = slice(i, i + chunk)
-            with self.accelerator.autocast():
-                values = self.lenvm(
-                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows]
-                ).values  # (b, P + T)
-            length_values.append(values[:, P - 1 :].float())  # (b, T + 1)
-        return torch.cat(length_values)
+        return lenvm_state_values(
+            self.lenvm, input_ids, attention_mask, prompt_ids.size(1) - 1, chunk, autocast=self.accelerator.autocast
+        )
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """[`~trl.GRPOTrainer._generate_and_score_completions`] plus `length_advantages` `(B, T)`.
@@ -335,8 +279,14 @@ class LenVMGRPOTrainer(GRPOTrainer):
         untouched, so both can be logged and ablated. The coefficient is applied in [`compute_loss`].
         """
         output = super()._generate_and_score_completions(inputs)
+        where = f"optimizer step {self.state.global_step}"
+        # TRL turns an infinite reward into NaN advantages without a word; stop before they reach the loss.
+        check_finite(output["advantages"], f"GRPO advantages (group-normalised rewards) at {where}")
         lengths, terminated = self._rollout_lengths
         self._rollout_lengths = None
+        if self.args.length_coef == 0.0:  # plain GRPO: the LenVM is never run
+            self._log_length_metrics(lengths, terminated)
+            return output
         completion_ids = output["completion_ids"]
         columns = torch.arange(completion_ids.size(1), device=completion_ids.device)
         # The true completion tokens: `completion_mask` may have been zeroed for cut rows, whose values still count.
@@ -344,17 +294,15 @@ class LenVMGRPOTrainer(GRPOTrainer):
         length_values = self.compute_length_values(
             output["prompt_ids"], output["prompt_mask"], completion_ids, response_mask
         )  # (B, T + 1)
+        check_finite(length_values, f"LenVM values at {where}")
         raw_length_advantages = length_advantages(
             length_values, response_mask, self.length_gamma, self.args.length_lam, terminated
         )  # (B, T)
         loss_mask = output["completion_mask"].bool()  # (B, T), without the cut rows under mask_truncated_completions
-        # add_length_advantages on a zero task advantage with s = 1 is exactly A_len / rms(A_len), the normalisation
-        # the PPO trainer uses, with the statistics reduced over all processes.
-        output["length_advantages"] = add_length_advantages(
-            torch.zeros_like(raw_length_advantages),
+        # The normalisation of the PPO trainer, with the statistics reduced over all processes.
+        output["length_advantages"] = rms_normalize_length_advantages(
             raw_length_advantages,
             loss_mask,
-            coef=1.0,
             all_reduce=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
         )
         self._log_length_metrics(lengths, terminated, length_values, raw_length_advantages, loss_mask)
@@ -372,51 +320,25 @@ class LenVMGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["length/coef"].append(coef)
         if coef != 0.0:
-            advantages = inputs["advantages"][:, None] + coef * inputs["length_advantages"]  # (B, T)
+            advantages = combine_advantages(inputs["advantages"], inputs["length_advantages"], coef)  # (B, T)
             inputs = {**inputs, "advantages": advantages}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # ------------------------------------------------------------------ 4. log
 
-    def _log_length_metrics(self, lengths, terminated, length_values, raw_length_advantages, loss_mask) -> None:
+    def _log_length_metrics(
+        self, lengths, terminated, length_values=None, raw_length_advantages=None, loss_mask=None
+    ) -> None:
         """Append the `length/` metrics of one generation batch (a collective: every process calls it)."""
         mode = "train" if self.model.training else "eval"
-        metrics, gather, gamma = self._metrics[mode], self.accelerator.gather, self.lenvm_gamma
-        all_lengths = gather(lengths).double()
-        metrics["length/response_tokens_mean"].append(all_lengths.mean().item())
-        metrics["length/response_tokens_max"].append(all_lengths.max().item())
-        metrics["length/truncated_frac"].append(gather((~terminated).double()).mean().item())
-
-        length_values = length_values.double()
-        rows = torch.arange(len(lengths), device=lengths.device)
-        predicted = length_values[:, 0]  # (B,) v(s_0)
-        # Realised return from s_0; a cut completion keeps the LenVM's value after the cut.
-        tail = torch.where(terminated, torch.zeros_like(predicted), length_values[rows, lengths])
-        realised = lengths_to_values(lengths.double(), gamma) + torch.pow(gamma, lengths.double()) * tail  # (B,)
-        predicted, realised = gather(predicted), gather(realised)
-        metrics["length/predicted_tokens_mean"].append(values_to_lengths(predicted, gamma).mean().item())
-        predicted_length = values_to_lengths(predicted.mean(), gamma).clamp(min=1e-6)
-        metrics["length/drift_ratio"].append((values_to_lengths(realised.mean(), gamma) / predicted_length).item())
-
-        advantages = raw_length_advantages.double().masked_fill(~loss_mask, 0.0)
-        sums = torch.stack([advantages.sum(), (advantages**2).sum(), loss_mask.sum().double()])
-        total, squares, count = self.accelerator.reduce(sums, reduction="sum")
-        mean = total / count.clamp(min=1)
-        var = (squares - count * mean**2) / (count - 1).clamp(min=1)
-        metrics["length/advantages_mean"].append(mean.item())
-        metrics["length/advantages_std"].append(var.clamp(min=0).sqrt().item())
-
-
-def _load_lenvm(
-    args: LenVMGRPOConfig, lenvm, lenvm_processing_class
-) -> tuple[LengthValueModel, PreTrainedTokenizerBase | None]:
-    """The LenVM (from `lenvm=` or `--lenvm_model_name_or_path`) and its tokenizer if one is known."""
-    if lenvm is not None and args.lenvm_model_name_or_path is not None:
-        raise ValueError("Pass the LenVM either as `lenvm=` or as --lenvm_model_name_or_path, not both.")
-    lenvm = lenvm if lenvm is not None else args.lenvm_model_name_or_path
-    if lenvm is None:
-        raise ValueError(
-            "LenVMGRPOTrainer needs a LenVM: set --lenvm_model_name_or_path or pass `lenvm=` (use trl.GRPOTrainer "
-            "for plain GRPO)."
+        metrics = length_metrics(
+            lengths,
+            terminated,
+            self.accelerator.gather,
+            length_values=length_values,
+            raw_length_advantages=raw_length_advantages,
+            loss_mask=loss_mask,
+            gamma=self.lenvm_gamma,
         )
-    return _resolve_lenvm(lenvm, args.lenvm_gamma, lenvm_processing_class)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)

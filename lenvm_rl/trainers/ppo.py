@@ -12,37 +12,32 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     GenerationConfig,
     PreTrainedTokenizerBase,
     Trainer,
-    TrainingArguments,
 )
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import set_seed
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import (
     disable_dropout_in_model,
     entropy_from_logits,
-    get_callable_name,
     pad,
     selective_log_softmax,
     use_adapter,
 )
 
 from ..core import compute_gae
-from ..modeling import freeze_model
-from .utils import (
+from ..modeling import freeze_model, position_ids_from_mask
+from ..rl_math import (
+    check_finite,
     clipped_policy_loss,
     clipped_value_loss,
     kl_estimates,
@@ -50,253 +45,19 @@ from .utils import (
     masked_whiten,
     truncate_after_stop_token,
 )
+from .ppo_config import PPOConfig
+from .ppo_models import (
+    VALUE_MODEL_DIR,
+    PolicyAndValueWrapper,
+    refuse_to_copy_sharded,
+    score_per_token,
+    value_model_from_policy,
+)
+from .reward_funcs import RewardFunc, load_reward_funcs, reward_func_names, rewards_to_tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValueWrapper"]
-
-VALUE_MODEL_DIR = "value_model"  # checkpoint sub-folder of the critic; the policy sits at the top (TRL's layout)
-
-RewardFunc = Callable[..., list[float | None]] | nn.Module | str
-
-
-@dataclass
-class PPOConfig(TrainingArguments):
-    r"""
-    Configuration of [`PPOTrainer`]: `transformers.TrainingArguments` plus TRL 1.12's PPO fields, with the same names,
-    meanings and defaults, and `reward_weights` (TRL's GRPO field).
-
-    One update samples `batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size`
-    completions; training runs `ceil(total_episodes / batch_size)` updates (`max_steps` is ignored, as in TRL).
-
-    Parameters:
-        > Parameters that control generation
-
-        response_length (`int`, *optional*, defaults to `53`):
-            Maximum number of tokens sampled per response.
-        stop_token (`str` or `None`, *optional*, defaults to `None`):
-            `"eos"` makes the tokenizer's EOS the stop token. The first stop token of a response is kept and everything
-            after it becomes padding.
-        stop_token_id (`int` or `None`, *optional*, defaults to `None`):
-            Stop token id; takes precedence over `stop_token`. With neither, the stop token is the tokenizer's EOS.
-        temperature (`float`, *optional*, defaults to `0.7`):
-            Sampling temperature; log-probabilities are computed from the logits divided by it.
-        missing_eos_penalty (`float` or `None`, *optional*, defaults to `None`):
-            Subtracted from the score of every response that holds no stop token (cut at `response_length`).
-        local_rollout_forward_batch_size (`int`, *optional*, defaults to `64`):
-            Rows per generation and no-grad forward chunk during the rollout.
-        ds3_gather_for_generation (`bool`, *optional*, defaults to `True`):
-            Gather the ZeRO-3 policy weights for generation (faster, more memory); `False` generates sharded.
-
-        > Parameters that control the PPO update
-
-        num_ppo_epochs (`int`, *optional*, defaults to `4`):
-            Passes over each batch of rollouts.
-        num_mini_batches (`int`, *optional*, defaults to `1`):
-            Optimizer steps per PPO epoch; must divide `gradient_accumulation_steps`.
-        whiten_rewards (`bool`, *optional*, defaults to `False`):
-            Scale the per-token rewards to unit variance (mean kept) before GAE.
-        kl_coef (`float`, *optional*, defaults to `0.05`):
-            Coefficient of the per-token KL penalty against the reference model.
-        kl_estimator (`str`, *optional*, defaults to `"k1"`):
-            KL estimator: `"k1"` (log ratio, unbiased) or `"k3"` (unbiased, non-negative, lower variance).
-        cliprange (`float`, *optional*, defaults to `0.2`):
-            Clip range of the policy ratio.
-        vf_coef (`float`, *optional*, defaults to `0.1`):
-            Weight of the value loss in `loss = pg_loss + vf_coef * vf_loss`.
-        cliprange_value (`float`, *optional*, defaults to `0.2`):
-            Clip range of the value predictions around the rollout values.
-        gamma (`float`, *optional*, defaults to `1.0`):
-            Discount of the task rewards.
-        lam (`float`, *optional*, defaults to `0.95`):
-            GAE lambda.
-
-        > Parameters that control the run
-
-        total_episodes (`int` or `None`, *optional*, defaults to `None`):
-            Completions to sample in total; `None` means `num_train_epochs * len(train_dataset)`.
-        num_sample_generations (`int`, *optional*, defaults to `10`):
-            Kept for TRL <= 1.12 scripts; sample tables are not generated yet.
-        learning_rate (`float`, *optional*, defaults to `3e-6`):
-            Learning rate of the policy and the critic (one optimizer).
-        logging_steps (`float`, *optional*, defaults to `1`):
-            Log every X updates (TRL 1.12 logged every update whatever this field said).
-        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
-            Weights of the rewards, in the order `[reward_model, *reward_funcs]`; `None` weighs them all 1.0.
-        model_adapter_name (`str` or `None`, *optional*, defaults to `None`):
-            PEFT adapter of the policy, when the model holds several.
-        ref_adapter_name (`str` or `None`, *optional*, defaults to `None`):
-            PEFT adapter serving as the reference; `None` uses the policy with its adapters disabled.
-        exp_name (`str`, *optional*, defaults to `"ppo_config"`):
-            Kept for TRL <= 1.12 scripts; unused by the trainer.
-        reward_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
-            Kept for TRL <= 1.12 scripts (they load their models from it); unused by the trainer.
-        sft_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
-            Kept for TRL <= 1.12 scripts; unused by the trainer.
-        dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
-            Kept for TRL <= 1.12 scripts; unused by the trainer (prompts are tokenised per batch).
-    """
-
-    # Generation
-    response_length: int = field(default=53, metadata={"help": "Maximum number of tokens sampled per response."})
-    stop_token: Literal["eos"] | None = field(
-        default=None, metadata={"help": "'eos' makes the tokenizer's EOS the stop token."}
-    )
-    stop_token_id: int | None = field(
-        default=None, metadata={"help": "Stop token id; takes precedence over stop_token (default: EOS)."}
-    )
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of responses without a stop token."}
-    )
-    local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "Rows per generation and no-grad forward chunk during the rollout."}
-    )
-    ds3_gather_for_generation: bool = field(
-        default=True, metadata={"help": "Gather ZeRO-3 policy weights for generation."}
-    )
-    # PPO update
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Scale per-token rewards to unit variance."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Coefficient of the per-token KL penalty."})
-    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "KL estimator: 'k1' or 'k3'."})
-    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount of the task rewards."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    # Run
-    total_episodes: int | None = field(
-        default=None, metadata={"help": "Completions to sample in total (None: num_train_epochs * dataset size)."}
-    )
-    num_sample_generations: int = field(
-        default=10, metadata={"help": "Kept for TRL <= 1.12 scripts; sample tables are not generated yet."}
-    )
-    learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every X updates."})
-    reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "Weights of [reward_model, *reward_funcs]; None weighs them all 1.0."}
-    )
-    model_adapter_name: str | None = field(default=None, metadata={"help": "PEFT adapter of the policy."})
-    ref_adapter_name: str | None = field(
-        default=None, metadata={"help": "PEFT adapter of the reference (None: adapters disabled)."}
-    )
-    # Read by TRL <= 1.12 example scripts, never by the trainer.
-    exp_name: str = field(default="ppo_config", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
-    reward_model_path: str = field(
-        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
-    )
-    sft_model_path: str = field(
-        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
-    )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.response_length < 1:
-            raise ValueError(f"--response_length must be >= 1, got {self.response_length}")
-        if self.stop_token not in (None, "eos"):
-            raise ValueError(
-                f"--stop_token must be 'eos' or None (use --stop_token_id for others), got {self.stop_token!r}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"--kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        if self.num_ppo_epochs < 1:
-            raise ValueError(f"--num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
-        if self.num_mini_batches < 1 or self.gradient_accumulation_steps % self.num_mini_batches:
-            raise ValueError(
-                f"--gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
-                f"--num_mini_batches ({self.num_mini_batches}): each mini-batch is a whole number of micro-batches."
-            )
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma} and {self.lam}")
-        if self.local_rollout_forward_batch_size < 1:
-            raise ValueError("--local_rollout_forward_batch_size must be >= 1")
-        if self.load_best_model_at_end:
-            raise ValueError("--load_best_model_at_end is not supported: PPO has no evaluation metric to select on.")
-
-
-def _score_per_token(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Scalar head on every position of a sequence classifier (TRL's critic and reward-model layout).
-
-    Reads the backbone (`base_model_prefix`) and the `score` head directly, so the caller picks the position; a
-    classifier's own pooling finds the last token through `input_ids != pad_token_id`, which fails when pad == EOS.
-    """
-    backbone = getattr(model, model.base_model_prefix)
-    hidden_states = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return model.score(hidden_states).squeeze(-1).float()  # (B, L)
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, the way `generate` numbers them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _refuse_to_copy_sharded(policy: nn.Module, argument: str) -> None:
-    """Raise a clear error instead of copying a policy that ZeRO-3 sharded as it loaded (its copies would hold the
-    empty local shards)."""
-    if any(hasattr(parameter, "ds_id") for parameter in policy.parameters()):
-        raise ValueError(
-            f"The policy was sharded by DeepSpeed ZeRO-3 when it was loaded, so it cannot be copied into the default "
-            f"`{argument}`: load `{argument}` with `from_pretrained` too and pass it (recipes/ppo_gsm8k.py does)."
-        )
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    """A frozen reference or reward model: [`~lenvm_rl.modeling.freeze_model`] (eval, no gradients), no dropout."""
-    freeze_model(model)
-    disable_dropout_in_model(model)
-    return model
-
-
-class PolicyAndValueWrapper(nn.Module):
-    """The policy and the critic as one module, so one optimizer, DDP and DeepSpeed see a single model.
-
-    `forward` runs both, which is what DDP needs to synchronise the gradients of both. Checkpoints store the policy
-    at the top of the folder (a loadable causal LM or PEFT adapter) and the critic in `value_model/`.
-    """
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
-        logits = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep,
-            use_cache=False,
-        ).logits
-        values = _score_per_token(self.value_model, input_ids, attention_mask, position_ids)
-        return logits, values  # (B, logits_to_keep or L, V), (B, L)
-
-    # Activation checkpointing: `Trainer.train` enables it through the first method; TRL's generation context
-    # disables it around `generate` and re-enables it without arguments, so the settings are remembered.
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        self._checkpointing_kwargs = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
-        for model in (self.policy, self.value_model):
-            model.activation_checkpointing_enable(**self._checkpointing_kwargs)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        if gradient_checkpointing_kwargs is None:
-            self.activation_checkpointing_enable(**getattr(self, "_checkpointing_kwargs", {}))
-        else:
-            self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self):
-        for model in (self.policy, self.value_model):
-            model.activation_checkpointing_disable()
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.policy.is_activation_checkpointing
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValueWrapper"]  # PPOConfig lives in ppo_config.py
 
 
 class PPOTrainer(Trainer):
@@ -421,7 +182,7 @@ class PPOTrainer(Trainer):
                     "A PEFT policy needs an explicit `value_model`; or pass the base model with `peft_config` and the "
                     "critic is built from its backbone."
                 )
-            value_model = self._value_model_from_policy(policy)
+            value_model = value_model_from_policy(policy)
         if peft_config is not None:
             if ref_model is not None:
                 raise ValueError(
@@ -437,29 +198,14 @@ class PPOTrainer(Trainer):
             if args.model_adapter_name is not None:
                 policy.set_adapter(args.model_adapter_name)
         elif ref_model is None:
-            _refuse_to_copy_sharded(policy, "ref_model")
+            refuse_to_copy_sharded(policy, "ref_model")
             ref_model = copy.deepcopy(policy)
-        self.ref_model = _freeze(ref_model) if ref_model is not None else None
+        self.ref_model = freeze_model(ref_model) if ref_model is not None else None
         disable_dropout_in_model(policy)
         disable_dropout_in_model(value_model)
 
-        reward_funcs = ([reward_model] if reward_model is not None else []) + list(reward_funcs or [])
-        if not reward_funcs:
-            raise ValueError("PPOTrainer needs a `reward_model` and/or `reward_funcs`.")
-        self.reward_funcs = [
-            _freeze(AutoModelForSequenceClassification.from_pretrained(func, num_labels=1))
-            if isinstance(func, str)
-            else _freeze(func)
-            if isinstance(func, nn.Module)
-            else func
-            for func in reward_funcs
-        ]
-        self.reward_func_names = [
-            (func.config._name_or_path.split("/")[-1] or type(func).__name__)
-            if isinstance(func, nn.Module)
-            else get_callable_name(func)
-            for func in self.reward_funcs
-        ]
+        self.reward_funcs = load_reward_funcs(reward_model, reward_funcs)
+        self.reward_func_names = reward_func_names(self.reward_funcs)
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(
@@ -508,24 +254,6 @@ class PPOTrainer(Trainer):
         total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
         self.num_updates = math.ceil(total_episodes / self.batch_size)
         self._permutation_epoch, self._permutation = None, None
-
-    @staticmethod
-    def _value_model_from_policy(policy: nn.Module) -> nn.Module:
-        """A critic with the policy's backbone and a zero scalar head (every value starts at 0)."""
-        _refuse_to_copy_sharded(policy, "value_model")
-        config = copy.deepcopy(policy.config)
-        config.num_labels = 1
-        value_model = AutoModelForSequenceClassification.from_config(config)
-        gathered = nullcontext()
-        if is_deepspeed_zero3_enabled():  # from_config built it sharded (zero.Init): gather its weights to write them
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(value_model.parameters()), modifier_rank=0)
-        with gathered:
-            backbone = getattr(value_model, value_model.base_model_prefix)
-            backbone.load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
-            nn.init.zeros_(value_model.score.weight)
-        return value_model.to(device=policy.device, dtype=policy.dtype)
 
     # ------------------------------------------------------------------ the update loop
 
@@ -713,10 +441,12 @@ class PPOTrainer(Trainer):
         """
         device = self.accelerator.device
         B = len(batch["prompts"])
+        where = f"update {self.state.global_step}"
         rewards_per_func = torch.zeros(B, len(self.reward_funcs), device=device)
         for i, func in enumerate(self.reward_funcs):
             if isinstance(func, nn.Module):
-                rewards_per_func[:, i] = self._reward_model_scores(func, batch)
+                rewards = self._reward_model_scores(func, batch)
+                check_finite(rewards, f"scores of reward model {self.reward_func_names[i]!r} at {where}")
             else:
                 output = func(
                     prompts=batch["prompts"],
@@ -725,11 +455,17 @@ class PPOTrainer(Trainer):
                     trainer_state=self.state,
                     **batch["columns"],
                 )
-                if len(output) != B:
-                    raise ValueError(
-                        f"Reward function {self.reward_func_names[i]!r} returned {len(output)} rewards for {B} completions."
-                    )
-                rewards_per_func[:, i] = torch.tensor([math.nan if r is None else r for r in output], device=device)
+                rewards = rewards_to_tensor(output, B, self.reward_func_names[i], where)
+            rewards_per_func[:, i] = rewards.to(device)
+        skipped = torch.isnan(rewards_per_func).all(dim=1)  # (B,)
+        if skipped.any():
+            logger.warning(
+                "Every reward function returned None for %d of %d completions at %s (rows %s): they score 0.",
+                int(skipped.sum()),
+                B,
+                where,
+                skipped.nonzero().flatten().tolist()[:10],
+            )
         scores = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
         if self.args.missing_eos_penalty is not None:
             scores = scores - self.args.missing_eos_penalty * (~batch["terminated"]).float()
@@ -744,7 +480,9 @@ class PPOTrainer(Trainer):
             input_ids = batch["query_responses"][i : i + chunk]
             attention_mask = batch["attention_mask"][i : i + chunk]
             with self.accelerator.autocast():
-                per_token = _score_per_token(reward_model, input_ids, attention_mask, _position_ids(attention_mask))
+                per_token = score_per_token(
+                    reward_model, input_ids, attention_mask, position_ids_from_mask(attention_mask)
+                )
             scores.append(per_token[torch.arange(len(input_ids), device=per_token.device), last[i : i + chunk]])
         return torch.cat(scores)
 
@@ -756,7 +494,7 @@ class PPOTrainer(Trainer):
         logits, values = model(
             input_ids=query_responses,
             attention_mask=attention_mask,
-            position_ids=_position_ids(attention_mask),
+            position_ids=position_ids_from_mask(attention_mask),
             logits_to_keep=T + 1,
         )
         # Position C - 1 + t predicts response token t and holds V(s_t); the last position is the state after T.
@@ -767,7 +505,7 @@ class PPOTrainer(Trainer):
         kwargs = dict(
             input_ids=query_responses,
             attention_mask=attention_mask,
-            position_ids=_position_ids(attention_mask),
+            position_ids=position_ids_from_mask(attention_mask),
             logits_to_keep=T + 1,
             use_cache=False,
         )
@@ -800,9 +538,11 @@ class PPOTrainer(Trainer):
             ref_logprobs.append(selective_log_softmax(self._ref_logits(query_responses, attention_mask, C), responses))
             values.append(chunk_values)
         return {
-            "logprobs": torch.cat(logprobs).masked_fill(~mask, 0.0),
-            "ref_logprobs": torch.cat(ref_logprobs).masked_fill(~mask, 0.0),
-            "values": torch.cat(values),
+            "logprobs": self.check_finite(torch.cat(logprobs).masked_fill(~mask, 0.0), "policy log-probabilities"),
+            "ref_logprobs": self.check_finite(
+                torch.cat(ref_logprobs).masked_fill(~mask, 0.0), "reference log-probabilities"
+            ),
+            "values": self.check_finite(torch.cat(values), "critic values"),
         }
 
     # ------------------------------------------------------------------ 4. rewards
@@ -823,7 +563,7 @@ class PPOTrainer(Trainer):
         rewards[rows, batch["sequence_lengths"]] += batch["scores"]
         if self.args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
-        return {"kl": kl, "non_score_rewards": non_score_rewards, "rewards": rewards}
+        return {"kl": kl, "non_score_rewards": non_score_rewards, "rewards": self.check_finite(rewards, "rewards")}
 
     # ------------------------------------------------------------------ 5. advantages
 
@@ -839,7 +579,15 @@ class PPOTrainer(Trainer):
             batch["rewards"], batch["values"], mask, self.args.gamma, self.args.lam, batch["terminated"]
         )
         advantages = masked_whiten(advantages, mask, all_reduce=self._all_reduce_sum)
-        return {"advantages": advantages, "returns": returns}
+        return {
+            "advantages": self.check_finite(advantages, "advantages"),
+            "returns": self.check_finite(returns, "returns"),
+        }
+
+    def check_finite(self, tensor: torch.Tensor, what: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[`~lenvm_rl.rl_math.check_finite`] with the update in the message: a NaN / inf stops the run before any
+        optimizer step or checkpoint can carry it."""
+        return check_finite(tensor, f"{what} at update {self.state.global_step}", mask)
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -899,11 +647,13 @@ class PPOTrainer(Trainer):
                     is_last = k == len(micro_batches) - 1
                     with nullcontext() if is_last else self.accelerator.no_sync(model):
                         loss, micro_stats = self.compute_ppo_loss(model, batch, indices)
+                        self.check_finite(loss.detach(), "PPO loss")
                         self.accelerator.backward(loss / loss_scale)
                     for key, value in micro_stats.items():
                         stats[key].append(value)
                 if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+                    grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+                    self.check_finite(torch.as_tensor(grad_norm), "gradient norm")
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         stats = {key: torch.stack(values) for key, values in stats.items()}

@@ -1,4 +1,7 @@
-"""Pure tensor functions of the PPO trainer: masked statistics, stop-token truncation, KL estimates, PPO losses.
+"""The RL math of the trainers, in pure torch: masked statistics and whitening, stop-token truncation, KL
+estimates, clipped PPO losses, and the length term of the advantage (its coefficient schedule, its normalisation
+and its combination with the task advantage, method doc section 6). The length-value math itself (returns, GAE,
+length advantages, shaping) lives in ``lenvm_rl.core``.
 
 Layout (TRL's PPO layout, as in ``lenvm_rl.core``): ``(B, T)`` tensors over the response tokens,
 ``mask`` True on real response tokens (the stop token included), a prefix of each row. Everything here
@@ -12,17 +15,50 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "LENGTH_COEF_SCHEDULES",
+    "add_length_advantages",
+    "check_finite",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "combine_advantages",
     "kl_estimates",
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "rms_normalize_length_advantages",
+    "scheduled_length_coef",
     "truncate_after_stop_token",
 ]
 
+LENGTH_COEF_SCHEDULES = ("constant", "linear")
+
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def check_finite(tensor: torch.Tensor, what: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Raise `FloatingPointError` naming `what` if `tensor` (where `mask` is True) holds NaN or inf; else return it.
+
+    The trainers call it where each quantity that enters the loss is produced (rewards, values, LenVM values,
+    advantages, losses), so a non-finite value stops the run before an optimizer step or a checkpoint carries it.
+
+    Example:
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "values", mask=torch.tensor([True, False]))
+        tensor([1., nan])
+        >>> check_finite(torch.tensor([1.0, float("inf")]), "LenVM values at update 3")
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: LenVM values at update 3: 1 of 2 entries are not finite (0 NaN, 1 inf).
+    """
+    values = tensor if mask is None else tensor[mask.bool()]
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        num_nan = int(torch.isnan(values).sum())
+        num_bad = int((~finite).sum())
+        raise FloatingPointError(
+            f"{what}: {num_bad} of {values.numel()} entries are not finite ({num_nan} NaN, {num_bad - num_nan} inf)."
+        )
     return tensor
 
 
@@ -233,3 +269,151 @@ def clipped_value_loss(
     with torch.no_grad():
         clipfrac = masked_mean((clipped_losses > losses).float(), mask)
     return loss, clipfrac
+
+
+# ---------------------------------------------------------------------- the length term in the advantage
+
+
+def scheduled_length_coef(
+    update: int, num_updates: int, coef: float, schedule: str = "constant", warmup_steps: int = 0
+) -> float:
+    """The length coefficient ``s`` of update ``update`` (0-based): a linear warm-up, then constant or a linear decay.
+
+        c(u) = coef * u / W                                    u < W  (warm-up)
+        c(u) = coef                                            "constant"
+        c(u) = coef * max(0, (N - u) / max(1, N - W))          "linear"
+
+    The same shapes as `transformers`' `constant_with_warmup` and `linear` learning-rate schedules. A pure function of
+    the update index, so a resumed run uses the coefficients of an uninterrupted one.
+
+    Args:
+        update (`int`): 0-based index of the update (PPO) or optimizer step (GRPO).
+        num_updates (`int`): ``N``, the number of updates of the run.
+        coef (`float`): the coefficient after warm-up.
+        schedule (`str`): one of `LENGTH_COEF_SCHEDULES`.
+        warmup_steps (`int`): ``W``.
+
+    Example:
+        >>> [scheduled_length_coef(u, 4, 1.0, "linear", warmup_steps=2) for u in range(4)]
+        [0.0, 0.5, 1.0, 0.5]
+    """
+    if schedule not in LENGTH_COEF_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LENGTH_COEF_SCHEDULES}, got {schedule!r}")
+    if update < warmup_steps:
+        return coef * update / warmup_steps
+    if schedule == "constant":
+        return coef
+    return coef * max(0.0, (num_updates - update) / max(1, num_updates - warmup_steps))
+
+
+def rms_normalize_length_advantages(
+    length_advantages: torch.Tensor, response_mask: torch.Tensor, eps: float = 1e-12, all_reduce=None
+) -> torch.Tensor:
+    """The length advantage divided by its root mean square over real tokens, without removing its mean.
+
+        A_len_t / sqrt(mean_{real tokens of all processes}(A_len^2) + eps)
+
+    Why the root mean square and no centring (the meaning of ``s`` in ``A_task + s * A_len``):
+
+    - Raw ``A_len`` lives in value units (order ``1 - gamma`` per token), the task advantage in whitened reward units;
+      scaling ``A_len`` to unit size makes ``s`` the size of the length term relative to the task term, whatever the
+      gamma, response length or LenVM calibration of the run.
+    - Not centring keeps the LenVM's prediction as the reference: a token whose remainder was shorter than predicted
+      always gets positive credit, even when the whole batch is shorter. The mean of ``A_len`` is the LenVM's drift;
+      trainers log it (`length/advantages_mean`) rather than remove it.
+    - ``sqrt(mean^2 + var)`` rather than the standard deviation: they agree for a calibrated LenVM (``E[A_len] = 0``
+      at ``lam = 1``), and when the policy drifts away from the LenVM the length term keeps the size ``s`` instead of
+      a drift offset of ``s * mean / std`` that would swamp the task term.
+
+    Args:
+        length_advantages (`torch.Tensor`): ``(B, T)`` raw length advantages ([`~lenvm_rl.core.length_advantages`]).
+        response_mask (`torch.Tensor`): ``(B, T)`` bool, True on the tokens that enter the statistic.
+        eps (`float`): added to the mean square; raw ``A_len`` is small, so the usual 1e-8 would not be negligible.
+        all_reduce (`Callable`, *optional*): sums a tensor over processes; the identity by default.
+
+    Returns:
+        `torch.Tensor`: ``(B, T)`` scaled length advantages, 0 outside ``response_mask``.
+
+    Example:
+        >>> rms_normalize_length_advantages(torch.tensor([[0.3, 0.4, 9.0]]), torch.tensor([[True, True, False]]),
+        ...                                 eps=0.0)
+        tensor([[0.8485, 1.1314, 0.0000]])
+    """
+    mask = response_mask.bool()
+    zeros = torch.zeros_like(length_advantages)
+    sums = torch.stack([torch.where(mask, length_advantages**2, zeros).sum(), mask.sum().to(zeros.dtype)])  # (2,)
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    mean_square = sums[0] / sums[1].clamp(min=1)
+    return torch.where(mask, length_advantages * torch.rsqrt(mean_square + eps), zeros)
+
+
+def combine_advantages(
+    advantages: torch.Tensor, length_advantages: torch.Tensor, coef: float, response_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The objective ``J_task + s * J_len`` in advantage form (method doc section 6): ``A_t = A_task_t + s * A_len_t``.
+
+    ``advantages`` is per token ``(B, T)`` (PPO's whitened GAE) or per sequence ``(B,)`` (GRPO's group-normalised
+    reward, broadcast over the tokens). With ``s = 0`` the task advantage is returned as it is (not multiplied by 0),
+    so a non-finite length term cannot leak into plain PPO / GRPO.
+
+    Args:
+        advantages (`torch.Tensor`): ``(B, T)`` or ``(B,)`` task advantages.
+        length_advantages (`torch.Tensor`): ``(B, T)`` (normalised) length advantages.
+        coef (`float`): ``s``; > 0 favours shorter continuations.
+        response_mask (`torch.Tensor`, *optional*): ``(B, T)`` bool; positions outside it are set to 0.
+
+    Returns:
+        `torch.Tensor`: ``(B, T)`` combined advantages (``advantages`` itself when ``coef == 0``).
+
+    Example:
+        >>> combine_advantages(torch.tensor([1.0, -1.0]), torch.tensor([[0.5, 0.0], [1.0, 2.0]]), coef=0.5)
+        tensor([[ 1.2500,  1.0000],
+                [-0.5000,  0.0000]])
+    """
+    if coef == 0.0:
+        return advantages
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (B, 1)
+    combined = advantages + coef * length_advantages.to(advantages.dtype)  # (B, T)
+    if response_mask is not None:
+        combined = combined.masked_fill(~response_mask.bool(), 0.0)
+    return combined
+
+
+def add_length_advantages(
+    advantages: torch.Tensor,
+    length_advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    coef: float,
+    eps: float = 1e-12,
+    all_reduce=None,
+) -> torch.Tensor:
+    """PPO's length term: ``A_t = A_task_t + s * A_len_t / rms(A_len)``, 0 on padding.
+
+    [`rms_normalize_length_advantages`] then [`combine_advantages`]; ``A_task`` arrives whitened (zero mean, unit
+    variance over all processes' real tokens) and the sum is not re-whitened (that would remove the drift that was
+    kept on purpose and rescale ``A_task``, so ``s`` would stop meaning a fixed ratio). With ``s = 0`` the length
+    advantages are not read at all.
+
+    Args:
+        advantages (`torch.Tensor`): ``(B, T)`` whitened task advantages, 0 on padding.
+        length_advantages (`torch.Tensor`): ``(B, T)`` raw length advantages ([`~lenvm_rl.core.length_advantages`]).
+        response_mask (`torch.Tensor`): ``(B, T)`` bool, True on real response tokens.
+        coef (`float`): ``s``; > 0 favours shorter continuations.
+        eps (`float`): see [`rms_normalize_length_advantages`].
+        all_reduce (`Callable`, *optional*): sums a tensor over processes.
+
+    Returns:
+        `torch.Tensor`: ``(B, T)`` combined advantages, 0 on padding.
+
+    Example:
+        >>> add_length_advantages(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.3, 0.4]]),
+        ...                       torch.tensor([[True, True]]), coef=0.5, eps=0.0)
+        tensor([[ 1.4243, -0.4343]])
+    """
+    mask = response_mask.bool()
+    if coef == 0.0:
+        return advantages.masked_fill(~mask, 0.0)
+    scaled = rms_normalize_length_advantages(length_advantages, mask, eps, all_reduce)
+    return combine_advantages(advantages, scaled, coef, mask)

@@ -1,0 +1,182 @@
+"""PPOConfig: the configuration of [`~lenvm_rl.PPOTrainer`], TRL 1.12's PPO fields with the same names and defaults."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+__all__ = ["PPOConfig"]
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    r"""
+    Configuration of [`PPOTrainer`]: `transformers.TrainingArguments` plus TRL 1.12's PPO fields, with the same names,
+    meanings and defaults, and `reward_weights` (TRL's GRPO field).
+
+    One update samples `batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size`
+    completions; training runs `ceil(total_episodes / batch_size)` updates (`max_steps` is ignored, as in TRL).
+
+    Parameters:
+        > Parameters that control generation
+
+        response_length (`int`, *optional*, defaults to `53`):
+            Maximum number of tokens sampled per response.
+        stop_token (`str` or `None`, *optional*, defaults to `None`):
+            `"eos"` makes the tokenizer's EOS the stop token. The first stop token of a response is kept and everything
+            after it becomes padding.
+        stop_token_id (`int` or `None`, *optional*, defaults to `None`):
+            Stop token id; takes precedence over `stop_token`. With neither, the stop token is the tokenizer's EOS.
+        temperature (`float`, *optional*, defaults to `0.7`):
+            Sampling temperature; log-probabilities are computed from the logits divided by it.
+        missing_eos_penalty (`float` or `None`, *optional*, defaults to `None`):
+            Subtracted from the score of every response that holds no stop token (cut at `response_length`).
+        local_rollout_forward_batch_size (`int`, *optional*, defaults to `64`):
+            Rows per generation and no-grad forward chunk during the rollout.
+        ds3_gather_for_generation (`bool`, *optional*, defaults to `True`):
+            Gather the ZeRO-3 policy weights for generation (faster, more memory); `False` generates sharded.
+
+        > Parameters that control the PPO update
+
+        num_ppo_epochs (`int`, *optional*, defaults to `4`):
+            Passes over each batch of rollouts.
+        num_mini_batches (`int`, *optional*, defaults to `1`):
+            Optimizer steps per PPO epoch; must divide `gradient_accumulation_steps`.
+        whiten_rewards (`bool`, *optional*, defaults to `False`):
+            Scale the per-token rewards to unit variance (mean kept) before GAE.
+        kl_coef (`float`, *optional*, defaults to `0.05`):
+            Coefficient of the per-token KL penalty against the reference model.
+        kl_estimator (`str`, *optional*, defaults to `"k1"`):
+            KL estimator: `"k1"` (log ratio, unbiased) or `"k3"` (unbiased, non-negative, lower variance).
+        cliprange (`float`, *optional*, defaults to `0.2`):
+            Clip range of the policy ratio.
+        vf_coef (`float`, *optional*, defaults to `0.1`):
+            Weight of the value loss in `loss = pg_loss + vf_coef * vf_loss`.
+        cliprange_value (`float`, *optional*, defaults to `0.2`):
+            Clip range of the value predictions around the rollout values.
+        gamma (`float`, *optional*, defaults to `1.0`):
+            Discount of the task rewards.
+        lam (`float`, *optional*, defaults to `0.95`):
+            GAE lambda.
+
+        > Parameters that control the run
+
+        total_episodes (`int` or `None`, *optional*, defaults to `None`):
+            Completions to sample in total; `None` means `num_train_epochs * len(train_dataset)`.
+        num_sample_generations (`int`, *optional*, defaults to `10`):
+            Kept for TRL <= 1.12 scripts; sample tables are not generated yet.
+        learning_rate (`float`, *optional*, defaults to `3e-6`):
+            Learning rate of the policy and the critic (one optimizer).
+        logging_steps (`float`, *optional*, defaults to `1`):
+            Log every X updates (TRL 1.12 logged every update whatever this field said).
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the rewards, in the order `[reward_model, *reward_funcs]`; `None` weighs them all 1.0.
+        model_adapter_name (`str` or `None`, *optional*, defaults to `None`):
+            PEFT adapter of the policy, when the model holds several.
+        ref_adapter_name (`str` or `None`, *optional*, defaults to `None`):
+            PEFT adapter serving as the reference; `None` uses the policy with its adapters disabled.
+        exp_name (`str`, *optional*, defaults to `"ppo_config"`):
+            Kept for TRL <= 1.12 scripts; unused by the trainer.
+        reward_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
+            Kept for TRL <= 1.12 scripts (they load their models from it); unused by the trainer.
+        sft_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
+            Kept for TRL <= 1.12 scripts; unused by the trainer.
+        dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
+            Kept for TRL <= 1.12 scripts; unused by the trainer (prompts are tokenised per batch).
+    """
+
+    # Generation
+    response_length: int = field(default=53, metadata={"help": "Maximum number of tokens sampled per response."})
+    stop_token: Literal["eos"] | None = field(
+        default=None, metadata={"help": "'eos' makes the tokenizer's EOS the stop token."}
+    )
+    stop_token_id: int | None = field(
+        default=None, metadata={"help": "Stop token id; takes precedence over stop_token (default: EOS)."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of responses without a stop token."}
+    )
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Rows per generation and no-grad forward chunk during the rollout."}
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True, metadata={"help": "Gather ZeRO-3 policy weights for generation."}
+    )
+    # PPO update
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Scale per-token rewards to unit variance."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Coefficient of the per-token KL penalty."})
+    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "KL estimator: 'k1' or 'k3'."})
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount of the task rewards."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    # Run
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Completions to sample in total (None: num_train_epochs * dataset size)."}
+    )
+    num_sample_generations: int = field(
+        default=10, metadata={"help": "Kept for TRL <= 1.12 scripts; sample tables are not generated yet."}
+    )
+    learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X updates."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of [reward_model, *reward_funcs]; None weighs them all 1.0."}
+    )
+    model_adapter_name: str | None = field(default=None, metadata={"help": "PEFT adapter of the policy."})
+    ref_adapter_name: str | None = field(
+        default=None, metadata={"help": "PEFT adapter of the reference (None: adapters disabled)."}
+    )
+    # Read by TRL <= 1.12 example scripts, never by the trainer.
+    exp_name: str = field(default="ppo_config", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
+    reward_model_path: str = field(
+        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
+    )
+    sft_model_path: str = field(
+        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.response_length < 1:
+            raise ValueError(f"--response_length must be >= 1, got {self.response_length}")
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(
+                f"--stop_token must be 'eos' or None (use --stop_token_id for others), got {self.stop_token!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"--kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.num_ppo_epochs < 1:
+            raise ValueError(f"--num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
+        if self.num_mini_batches < 1 or self.gradient_accumulation_steps % self.num_mini_batches:
+            raise ValueError(
+                f"--gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a multiple of "
+                f"--num_mini_batches ({self.num_mini_batches}): each mini-batch is a whole number of micro-batches."
+            )
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma} and {self.lam}")
+        for name in ("kl_coef", "cliprange", "vf_coef", "cliprange_value"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise ValueError(f"--missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            raise ValueError(
+                f"--total_episodes must be >= 1 (or unset for num_train_epochs * dataset size), got {self.total_episodes}"
+            )
+        if self.stop_token_id is not None and self.stop_token_id < 0:
+            raise ValueError(f"--stop_token_id must be a token id >= 0, got {self.stop_token_id}")
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"--reward_weights must be finite numbers, got {self.reward_weights}")
+        if self.local_rollout_forward_batch_size < 1:
+            raise ValueError("--local_rollout_forward_batch_size must be >= 1")
+        if self.load_best_model_at_end:
+            raise ValueError("--load_best_model_at_end is not supported: PPO has no evaluation metric to select on.")
