@@ -15,14 +15,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_file_mode", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
+__all__ = ["default_dir_mode", "default_file_mode", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
 
 
 def default_file_mode() -> int:
     """The mode `open(path, "w")` gives a new file: 0o666 without the process's umask bits."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode `os.mkdir` gives a new directory: 0o777 without the process's umask bits."""
+    return default_file_mode() | (0o111 & ~_umask())
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

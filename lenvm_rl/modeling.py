@@ -26,12 +26,9 @@ anyway, so the model is a plain module that exposes what trainers use: ``.config
 """
 
 import copy
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +36,25 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .core import values_to_lengths
+from .io import write_json_atomic
+from .lenvm_checkpoint import (
+    LENVM_CONFIG_NAME,
+    LENVM_FORMAT_VERSION,
+    VALUE_HEAD_NAME,
+    check_causal_lm_config,
+    check_gamma,
+    check_local_dir,
+    load_backbone,
+    read_lenvm_config,
+    read_value_head,
+    resolve_gamma,
+    save_lenvm_directory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +67,10 @@ __all__ = [
     "check_lenvm_reads_policy_ids",
     "check_tokenizers_compatible",
     "freeze_model",
-    "gathered_parameters",
     "load_frozen_lenvm",
     "position_ids_from_mask",
     "resolve_lenvm",
 ]
-
-VALUE_HEAD_NAME = "value_head.safetensors"
-LENVM_CONFIG_NAME = "lenvm_config.json"
-LENVM_FORMAT_VERSION = 1
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -157,10 +161,10 @@ class LengthValueModel(nn.Module):
         data_description: str | None = None,
     ):
         super().__init__()
-        _check_causal_lm_config(backbone.config, source=type(backbone).__name__)
+        check_causal_lm_config(backbone.config, source=type(backbone).__name__)
         self.backbone = backbone
         self.config = backbone.config
-        self.gamma = _check_gamma(gamma)
+        self.gamma = check_gamma(gamma)
         self.generator_model = generator_model
         self.data_description = data_description
         self.v_head = ValueHead(self.config.hidden_size).to(backbone.device)
@@ -198,12 +202,12 @@ class LengthValueModel(nn.Module):
         Returns:
             [`LengthValueModel`]: in training mode, all parameters trainable.
         """
-        _check_gamma(gamma)
+        check_gamma(gamma)
         if isinstance(model_or_path, PreTrainedModel):
-            _check_causal_lm_config(model_or_path.config, source=type(model_or_path).__name__)
+            check_causal_lm_config(model_or_path.config, source=type(model_or_path).__name__)
             backbone = copy.deepcopy(model_or_path.base_model)
         else:
-            backbone = _load_backbone(_check_local_dir(model_or_path), **kwargs)
+            backbone = load_backbone(check_local_dir(model_or_path), **kwargs)
         return cls(backbone, gamma, generator_model, data_description).train()
 
     @classmethod
@@ -230,14 +234,14 @@ class LengthValueModel(nn.Module):
         Returns:
             [`LengthValueModel`]: in eval mode (like ``transformers``' ``from_pretrained``).
         """
-        path = _check_local_dir(pretrained_model_name_or_path)
+        path = check_local_dir(pretrained_model_name_or_path)
         config = AutoConfig.from_pretrained(path)
-        _check_causal_lm_config(config, source=str(path))
-        head_state = _read_value_head(path, config.hidden_size)
-        metadata = _read_lenvm_config(path)
-        gamma = _resolve_gamma(gamma, metadata.get("gamma"), path)
+        check_causal_lm_config(config, source=str(path))
+        head_state = read_value_head(path, config.hidden_size)
+        metadata = read_lenvm_config(path)
+        gamma = resolve_gamma(gamma, metadata.get("gamma"), path)
         model = cls(
-            _load_backbone(path, **kwargs),
+            load_backbone(path, **kwargs),
             gamma,
             generator_model=metadata.get("generator_model"),
             data_description=metadata.get("data_description"),
@@ -259,10 +263,11 @@ class LengthValueModel(nn.Module):
         into the saved weights (the live model keeps its adapters), so the result is a plain checkpoint
         every loader reads.
 
-        Everything is written into a temporary directory next to ``save_directory`` and then moved in with
-        ``os.replace``, so an interrupted save never leaves a half-written checkpoint. Files already in
-        ``save_directory`` that the checkpoint does not produce (trainer logs, ``checkpoint-*`` folders) are
-        kept; stale weight shards of an earlier save are removed.
+        Crash-safe and non-destructive ([`~lenvm_rl.lenvm_checkpoint.save_lenvm_directory`]): a new directory
+        appears whole with one rename; into an existing directory (a trainer's output directory, a mount point)
+        files are renamed in one by one under an in-progress marker that loading refuses, and only files listed
+        by the previous lenvm-rl save are ever removed (trainer logs, ``checkpoint-*`` folders and any other file
+        stay). ``lenvm_config.json`` lists the files of the save, so a missing one is detected at load.
 
         Args:
             save_directory (`str` or `os.PathLike`):
@@ -272,14 +277,7 @@ class LengthValueModel(nn.Module):
             **kwargs:
                 Passed to the backbone's ``save_pretrained`` (e.g. ``max_shard_size``).
         """
-        target = Path(save_directory).absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            self._write_checkpoint(staging, tokenizer, **kwargs)
-            _publish_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_lenvm_directory(save_directory, lambda directory: self._write_checkpoint(directory, tokenizer, **kwargs))
 
     def _write_checkpoint(self, directory: Path, tokenizer, **kwargs) -> None:
         # A weightless causal-LM shell gives the reference layout through transformers' own writer: the
@@ -303,7 +301,7 @@ class LengthValueModel(nn.Module):
             "generator_model": self.generator_model,
             "data_description": self.data_description,
         }
-        (directory / LENVM_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_json_atomic(directory / LENVM_CONFIG_NAME, metadata)
 
     @torch.no_grad()
     def _backbone_state_dict(self) -> dict[str, torch.Tensor]:
@@ -519,33 +517,6 @@ def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
         )
 
 
-def gathered_parameters(parameters, modifier_rank: int | None = None):
-    """
-    Gather DeepSpeed ZeRO-3 shards for the duration of a `with` block; a no-op without ZeRO-3.
-
-    Entering is a collective: every process must enter the block, even if only one uses the whole weights (e.g. to
-    evaluate). With `modifier_rank`, that process's in-place changes are kept when the block ends.
-
-    Args:
-        parameters (`Iterable[torch.nn.Parameter]`):
-            The parameters to gather (those not sharded by ZeRO-3 are left alone).
-        modifier_rank (`int`, *optional*):
-            The process whose changes are broadcast to the shards on exit.
-
-    Returns:
-        A context manager.
-    """
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        from contextlib import nullcontext
-
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=modifier_rank)
-
-
 def load_frozen_lenvm(
     lenvm: "LengthValueModel | str | os.PathLike",
     policy_tokenizer,
@@ -615,161 +586,6 @@ def check_lenvm_reads_policy_ids(lenvm: "LengthValueModel", policy_tokenizer, le
         )
 
 
-def _check_gamma(gamma: float) -> float:
-    if not 0.0 < float(gamma) < 1.0:
-        raise ValueError(
-            f"gamma must be in (0, 1), got {gamma}. Pass the discount the LenVM was trained with "
-            "(the paper's released LenVMs use 0.997)."
-        )
-    return float(gamma)
-
-
-def _resolve_gamma(passed: float | None, stored: float | None, path: Path) -> float:
-    if passed is None and stored is None:
-        raise ValueError(
-            f"{path} does not store gamma (a reference-format LenVM has no {LENVM_CONFIG_NAME}): pass the gamma "
-            "it was trained with, e.g. LengthValueModel.from_pretrained(path, gamma=0.997) for the paper's "
-            "released models."
-        )
-    if passed is not None and stored is not None and not math.isclose(passed, stored, rel_tol=0.0, abs_tol=1e-7):
-        raise ValueError(
-            f"gamma={passed} was passed but {path / LENVM_CONFIG_NAME} says the LenVM was trained with "
-            f"gamma={stored}; a wrong gamma silently rescales every predicted length. Drop the gamma argument."
-        )
-    return _check_gamma(stored if passed is None else passed)
-
-
-def _check_local_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(
-            f"{path} is not a local directory. LengthValueModel loads local checkpoints only; download hub "
-            "checkpoints first (e.g. `hf download <repo> --local-dir <dir>`)."
-        )
-    return path
-
-
-def _check_causal_lm_config(config, source: str) -> None:
-    """Accept decoder-only causal LMs; reject encoders (BERT family) and encoder-decoders (T5 family).
-
-    ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` also lists encoder families usable as decoders (``bert`` ->
-    ``BertLMHeadModel``); in ``transformers`` 5 only those configs define ``is_decoder``, False by default.
-    """
-    is_causal = (
-        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and not config.is_encoder_decoder
-        and getattr(config, "is_decoder", True)
-    )
-    if not is_causal:
-        raise ValueError(
-            f"{source}: model_type {config.model_type!r} (architectures {config.architectures}) is not a "
-            "decoder-only causal LM. A LenVM backbone must load with AutoModelForCausalLM (e.g. Qwen2, Llama); "
-            "pick a causal-LM checkpoint."
-        )
-
-
-def _read_lenvm_config(path: Path) -> dict:
-    file = path / LENVM_CONFIG_NAME
-    if not file.is_file():
-        return {}
-    metadata = json.loads(file.read_text())
-    if metadata.get("format_version", 0) > LENVM_FORMAT_VERSION:
-        raise ValueError(
-            f"{file} has format_version {metadata['format_version']}, newer than this lenvm-rl understands "
-            f"({LENVM_FORMAT_VERSION}); upgrade lenvm-rl."
-        )
-    return metadata
-
-
-def _read_value_head(path: Path, hidden_size: int) -> dict[str, torch.Tensor]:
-    """Read and validate ``value_head.safetensors``; every problem names the key and the expected shape."""
-    file = path / VALUE_HEAD_NAME
-    expected = {
-        "v_head.fc.weight": [hidden_size, hidden_size],
-        "v_head.fc.bias": [hidden_size],
-        "v_head.summary.weight": [1, hidden_size],
-        "v_head.summary.bias": [1],
-    }
-    layout = ", ".join(f"{key} {shape}" for key, shape in expected.items())
-    if not file.is_file():
-        raise ValueError(
-            f"{path} has no {VALUE_HEAD_NAME}, so it is a plain language model, not a LenVM. To start a new "
-            f"LenVM from it use LengthValueModel.from_backbone(path, gamma=...); a saved LenVM holds {layout}."
-        )
-    with safe_open(file, framework="pt") as handle:
-        shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    problems = [
-        f"missing key {key!r} (expected shape {shape})" for key, shape in expected.items() if key not in shapes
-    ]
-    problems += [f"unexpected key {key!r}" for key in shapes if key not in expected]
-    problems += [
-        f"key {key!r} has shape {shapes[key]}, expected {shape}"
-        for key, shape in expected.items()
-        if key in shapes and shapes[key] != shape
-    ]
-    if problems:
-        raise ValueError(
-            f"{file}: {'; '.join(problems)}. A LenVM value head holds exactly {layout} "
-            f"(H = hidden_size = {hidden_size} of the backbone); re-export the head with these keys and shapes."
-        )
-    return load_file(file)
-
-
-def _load_backbone(path: Path, **kwargs) -> PreTrainedModel:
-    """``AutoModel.from_pretrained`` plus the tied-embedding fix and a strict check for missing weights."""
-    config = AutoConfig.from_pretrained(path)
-    _check_causal_lm_config(config, source=str(path))
-    backbone, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
-    missing = set(info["missing_keys"])
-    embeddings = backbone.get_input_embeddings()
-    embedding_key = next(name for name, param in backbone.named_parameters() if param is embeddings.weight)
-    if embedding_key in missing and config.tie_word_embeddings:
-        # Tied checkpoints may store the shared matrix only under the LM head's name.
-        with torch.no_grad():
-            embeddings.weight.copy_(_read_checkpoint_tensor(path, "lm_head.weight"))
-        missing.discard(embedding_key)
-    if missing:
-        raise ValueError(
-            f"The backbone checkpoint in {path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}; they "
-            "would be randomly initialised. Re-save the checkpoint from the complete model."
-        )
-    return backbone
-
-
-def _read_checkpoint_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor of a (possibly sharded) safetensors checkpoint."""
-    index = path / "model.safetensors.index.json"
-    filename = json.loads(index.read_text())["weight_map"].get(key) if index.is_file() else "model.safetensors"
-    if filename is not None and (path / filename).is_file():
-        with safe_open(path / filename, framework="pt") as handle:
-            if key in handle.keys():
-                return handle.get_tensor(key)
-    raise ValueError(
-        f"{path} ties its word embeddings but stores neither the input embeddings nor {key!r} in safetensors; "
-        "re-save the checkpoint from the complete model."
-    )
-
-
 def _unwrap_peft(backbone: nn.Module) -> PreTrainedModel:
     """The ``transformers`` model under an optional peft wrapper (LoRA layers stay injected)."""
     return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
-
-
-def _publish_directory(staging: Path, target: Path) -> None:
-    """Make ``staging`` become ``target`` with renames only, keeping ``target``'s unrelated entries.
-
-    Foreign entries move from ``target`` into ``staging`` first (the old checkpoint stays loadable meanwhile);
-    then two renames swap the directories. A crash at any point leaves either the complete old or the complete
-    new checkpoint in place (or, between the two renames, both next to it), never a mixture.
-    """
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    for entry in target.iterdir():
-        is_weights = entry.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
-        if not is_weights and not (staging / entry.name).exists():
-            os.replace(entry, staging / entry.name)
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, retired / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)

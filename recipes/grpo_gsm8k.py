@@ -17,7 +17,6 @@ main process samples one completion per held-out problem before and after traini
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -28,8 +27,8 @@ from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl.rewards import get_soft_overlong_punishment
 
 from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
-from lenvm_rl.modeling import gathered_parameters
 from lenvm_rl.rewards import gsm8k_accuracy_reward
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
@@ -182,13 +181,4 @@ if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     main(script_args, training_args, model_args)
-    state = PartialState()
-    if state.num_processes > 1:
-        # A gloo worker thread can race interpreter shutdown (shared/docs/distributed_on_cpu.md): end cleanly, then
-        # leave without the interpreter's teardown.
-        state.wait_for_everyone()
-        state.destroy_process_group()
-        sys.stdout.write(f"done rank={state.process_index}\n")  # one write: both ranks share stdout
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    end_launched_process()

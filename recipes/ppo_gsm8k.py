@@ -31,7 +31,6 @@ reuses the start evaluation already in `results.json` when its `eval_settings` a
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,8 +43,8 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from trl.models.utils import unwrap_model_for_generation
 
 from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
-from lenvm_rl.modeling import gathered_parameters
 from lenvm_rl.rewards import gsm8k_accuracy_reward, gsm8k_format_reward
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 
@@ -259,13 +258,4 @@ def _write_json(results: dict, path: str) -> None:
 if __name__ == "__main__":
     parser = TrlParser((PPOScriptArguments, LenVMPPOConfig, ModelConfig))
     main(*parser.parse_args_and_config())
-    state = PartialState()
-    if state.num_processes > 1:
-        # A gloo worker thread can race interpreter shutdown (shared/docs/distributed_on_cpu.md): end cleanly, then
-        # leave without the interpreter's teardown.
-        state.wait_for_everyone()
-        state.destroy_process_group()
-        sys.stdout.write(f"done rank={state.process_index}\n")  # one write: both ranks share stdout
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    end_launched_process()

@@ -451,3 +451,33 @@ def test_modes_that_need_a_lenvm_say_so(tmp_path, tokenizer):
             make_trainer(tmp_path, tokenizer, None, length_mode=mode)
     with pytest.raises(ValueError, match="not both"):
         make_trainer(tmp_path, tokenizer, make_lenvm(), lenvm_model_name_or_path="somewhere")
+
+
+# ---------------------------------------------------------------------------------------------- non-finite values
+
+
+def nan_lenvm():
+    lenvm = make_lenvm()
+    with torch.no_grad():
+        lenvm.v_head.summary.bias.fill_(float("nan"))
+    return lenvm
+
+
+@pytest.mark.parametrize("length_mode", ["advantage", "shaping"])
+def test_coefficient_zero_never_runs_a_nan_lenvm(tmp_path, tokenizer, length_mode):
+    """length_coef=0 is plain PPO even with a broken LenVM: it is never run, so 0 * NaN cannot reach the policy."""
+    _, expected_params, expected_losses = run(tmp_path, tokenizer, PPOTrainer)
+    _, params, losses = run(
+        tmp_path, tokenizer, LenVMPPOTrainer, nan_lenvm(), length_mode=length_mode, length_coef=0.0
+    )
+    assert losses == expected_losses
+    assert all(torch.equal(params[name], expected_params[name]) for name in params)
+
+
+def test_nan_lenvm_values_stop_the_run_before_any_optimizer_step(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, nan_lenvm(), length_coef=0.5, save_strategy="steps", save_steps=1)
+    before = snapshot(trainer.model)
+    with pytest.raises(FloatingPointError, match="LenVM values at update 0"):
+        trainer.train()
+    assert not changed(before, trainer.model)
+    assert not list((tmp_path / "ppo").glob("checkpoint-*"))

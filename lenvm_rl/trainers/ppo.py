@@ -231,6 +231,13 @@ class PPOTrainer(Trainer):
             )
 
         if args.stop_token_id is not None:
+            vocab_size = policy.get_input_embeddings().num_embeddings
+            if args.stop_token_id >= max(len(processing_class), vocab_size):
+                raise ValueError(
+                    f"--stop_token_id {args.stop_token_id} is not a token of the policy (vocabulary of "
+                    f"{len(processing_class)} tokens): no response would ever stop. Use an id the tokenizer has, e.g. "
+                    f"its EOS {processing_class.eos_token_id}."
+                )
             self.stop_token_id = args.stop_token_id
         elif processing_class.eos_token_id is not None:
             self.stop_token_id = processing_class.eos_token_id
