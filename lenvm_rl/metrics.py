@@ -417,3 +417,39 @@ def token_budget_curve(
     mean_tokens = torch.minimum(lengths[None, :], budgets[:, None]).mean(dim=1)  # (K,)
     accuracy = (correct[None, :] & (lengths[None, :] <= budgets[:, None])).to(torch.float64).mean(dim=1)  # (K,)
     return mean_tokens, accuracy
+
+
+def length_variance_explained(lengths: Sequence[Sequence[int]] | torch.Tensor) -> float:
+    """Share of the variance of completion lengths that the prompt explains, from several completions per prompt.
+
+    One-way random-effects ANOVA (the intraclass correlation ICC(1)) over ``P`` prompts with ``n`` completions
+    each, ``m_p`` and ``s_p^2`` the mean and sample variance of prompt ``p``'s lengths:
+
+        within  = mean_p s_p^2
+        between = Var_p(m_p) - within / n          (the spread of the prompt means minus the noise they carry)
+        share   = clip(between / (between + within), 0, 1)
+
+    Both variances divide by one less than their count. Prompts with fewer than two completions are ignored.
+
+    Args:
+        lengths (`Sequence[Sequence[int]]` or `torch.Tensor`):
+            Completion lengths grouped by prompt, the same number per prompt (nested lists or a ``(P, n)`` tensor).
+
+    Returns:
+        `float`: the between-prompt share, NaN when no prompt has two completions, 0 when every length is equal.
+
+    Example:
+        >>> length_variance_explained([[10, 10], [30, 30]])  # the prompt decides everything
+        1.0
+        >>> length_variance_explained([[10, 30], [30, 10]])  # the prompt decides nothing
+        0.0
+    """
+    groups = [torch.as_tensor(group, dtype=torch.float64) for group in lengths]
+    groups = [group for group in groups if group.numel() >= 2]
+    if not groups:
+        return float("nan")
+    groups = torch.stack(groups)  # (P, n)
+    within = groups.var(dim=1).mean()
+    between = groups.mean(dim=1).var() - within / groups.shape[1]
+    total = between + within
+    return float((between / total).clamp(0.0, 1.0)) if total > 0 else 0.0

@@ -19,10 +19,13 @@ from lenvm_rl.demo import (
     demo_prompt,
     demo_rows,
     generate_demo_problems,
-    length_variance_explained,
     measure_demo_policy,
     write_demo_solution,
 )
+from lenvm_rl.demo import world as demo_world
+from lenvm_rl.demo.__main__ import main as demo_main
+from lenvm_rl.demo.measure import _data_length_stats
+from lenvm_rl.demo.tokenizer import _vocabulary_texts
 from lenvm_rl.rewards import extract_gsm8k_answer, gsm8k_format_reward
 
 # A world small enough to build in seconds: a few SFT steps of a one-layer model.
@@ -48,7 +51,7 @@ def problems():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_demo_tokenizer(demo._vocabulary_texts())
+    return build_demo_tokenizer(_vocabulary_texts())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,19 +112,9 @@ def test_solutions_are_deterministic_per_seed(problems):
 
 
 def test_data_lengths_are_long_tailed_and_partly_explained_by_the_prompt(problems, tokenizer):
-    stats = demo._data_length_stats(problems, tokenizer, seed=0)
+    stats = _data_length_stats(problems, tokenizer, seed=0)
     assert stats["p99"] >= 4 * stats["median"]
     assert 0.15 <= stats["prompt_share"] <= 0.45
-
-
-def test_length_variance_explained():
-    # Prompt means 10 and 30 with no noise: all variance is between prompts.
-    assert length_variance_explained([[10, 10, 10], [30, 30, 30]]) == 1.0
-    # Identical prompts: none of it is.
-    assert length_variance_explained([[10, 30], [10, 30], [30, 10]]) == 0.0
-    # Within variance 2 (per-prompt sample variance of [1, 3]); prompt means 2 and 12 have variance 50, of which
-    # 2 / 2 is noise: share = (50 - 1) / (50 - 1 + 2).
-    assert length_variance_explained([[1, 3], [11, 13]]) == pytest.approx(49 / 51)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,7 +182,7 @@ def test_second_build_reuses_the_world(tiny_world, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached world must not be retrained")
 
-    monkeypatch.setattr(demo, "_train_policy", no_training)
+    monkeypatch.setattr(demo_world, "_train_policy", no_training)
     weights = tiny_world / "policy" / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     assert build_demo_world(tiny_world, seed=0, config=DemoWorldConfig(**TINY_CONFIG)) == tiny_world
@@ -207,7 +200,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_train_policy", interrupted)
+    monkeypatch.setattr(demo_world, "_train_policy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_demo_world(tmp_path / "world", config=DemoWorldConfig(**TINY_CONFIG))
     assert list(tmp_path.iterdir()) == []
@@ -224,11 +217,11 @@ def test_config_validation():
 
 def test_cli_build_hits_the_cache_and_measure_writes_stats(tiny_world, tmp_path, capsys):
     flags = [f"--{key}={value}" for key, value in TINY_CONFIG.items()]
-    demo.main(["build", "--output_dir", str(tiny_world), *flags])
+    demo_main(["build", "--output_dir", str(tiny_world), *flags])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_parameters"] > 0
 
     out = tmp_path / "stats"
-    demo.main(
+    demo_main(
         ["measure", "--world_dir", str(tiny_world), "--output_dir", str(out), "--num_problems", "4"]
         + ["--num_samples", "2", "--max_new_tokens", "8", "--batch_size", "3"]
     )

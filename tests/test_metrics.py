@@ -166,3 +166,40 @@ def test_baselines_when_prompt_length_determines_length():
     constant = prompt_boundary_mre(constant_baseline_value(train_lengths, gamma).expand(5), sampled, gamma)
     assert regression.mre == pytest.approx(0.0, abs=1e-9)
     assert constant.mre > 0.1
+
+
+# ---------------------------------------------------------------- length_variance_explained
+def test_length_variance_explained_by_hand():
+    from lenvm_rl.metrics import length_variance_explained
+
+    # Prompt means 10 and 30 with no noise: all variance is between prompts.
+    assert length_variance_explained([[10, 10, 10], [30, 30, 30]]) == 1.0
+    # Identical prompts: none of it is.
+    assert length_variance_explained([[10, 30], [10, 30], [30, 10]]) == 0.0
+    # Within variance 2 (per-prompt sample variance of [1, 3]); prompt means 2 and 12 have variance 50, of which
+    # 2 / 2 is noise: share = (50 - 1) / (50 - 1 + 2).
+    assert length_variance_explained([[1, 3], [11, 13]]) == pytest.approx(49 / 51)
+
+
+def test_length_variance_explained_invariances():
+    from lenvm_rl.metrics import length_variance_explained
+
+    g = torch.Generator().manual_seed(0)
+    prompt_means = torch.randint(20, 200, (30, 1), generator=g)  # (P, 1)
+    lengths = prompt_means + torch.randint(0, 100, (30, 4), generator=g)  # (P, n): part prompt, part noise
+    share = length_variance_explained(lengths)
+    assert 0.0 < share < 1.0
+    # The order of prompts and of completions within a prompt, a shift and a common scale change nothing.
+    shuffled = lengths[torch.randperm(30, generator=g)][:, torch.randperm(4, generator=g)]
+    assert length_variance_explained(shuffled) == pytest.approx(share)
+    assert length_variance_explained(3 * lengths + 7) == pytest.approx(share)
+    assert length_variance_explained(lengths.tolist()) == pytest.approx(share)
+
+
+def test_length_variance_explained_edge_cases():
+    from lenvm_rl.metrics import length_variance_explained
+
+    assert math.isnan(length_variance_explained([[5], [7]]))  # no prompt with two completions
+    assert length_variance_explained([[5, 5], [5, 5]]) == 0.0  # no variance at all
+    # Prompts with one completion are ignored.
+    assert length_variance_explained([[1, 3], [11, 13], [100]]) == pytest.approx(49 / 51)
