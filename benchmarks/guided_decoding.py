@@ -20,7 +20,6 @@ Prints a table and saves JSON with the ratios.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,14 +28,15 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lenvm_rl.generation import _left_pad
+from lenvm_rl.generation import left_pad
 from lenvm_rl.guidance import (
     LengthGuidanceConfig,
     generate_with_length_guidance,
-    keep_chosen_candidates,
     score_candidates,
     score_candidates_by_reencoding,
 )
+from lenvm_rl.io import write_json_atomic
+from lenvm_rl.kv_cache import keep_chosen_candidates, prefill
 from lenvm_rl.modeling import LengthValueModel
 
 VOCAB_SIZE = 2048
@@ -64,7 +64,7 @@ def make_prompts(batch_size: int, prompt_length: int, seed: int = 0):
     rows = [
         torch.randint(2, VOCAB_SIZE, (prompt_length - 8 * (i % 3),), generator=g).tolist() for i in range(batch_size)
     ]
-    return _left_pad(rows, pad_token_id=0)
+    return left_pad(rows, pad_token_id=0)
 
 
 def time_generation(policy, lenvm, input_ids, attention_mask, config, seed=0):
@@ -90,9 +90,7 @@ def replay_scoring(lenvm, input_ids, attention_mask, completions, top_k, strateg
     prefix_ids, mask = input_ids, attention_mask
     positions = mask.sum(1)
     if strategy != "naive":
-        cache = DynamicCache(config=lenvm.config)
-        lenvm(input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
-              use_cache=True)  # fmt: skip
+        _, cache = prefill(lenvm, input_ids, mask)
     for t in range(steps):
         if strategy == "tree_mask":
             scores.append(score_candidates(lenvm, candidates[t], cache, mask, positions))
@@ -216,7 +214,7 @@ def main():
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(output, results)
     print(f"Wrote {output}")
 
 

@@ -12,10 +12,11 @@ from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["GeneratedCompletion", "generate_completions", "sample_next_tokens"]
+from .kv_cache import append_rows, forward_with_cache, keep_rows, prefill
+
+__all__ = ["GeneratedCompletion", "generate_completions", "left_pad", "sample_next_tokens", "tokenize_prompts"]
 
 
 @dataclass
@@ -88,7 +89,22 @@ def sample_next_tokens(
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
-def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Stack token-id rows into a left-padded batch, the layout of every decoding loop here.
+
+    Args:
+        rows (`list[list[int]]`): Token ids, at least one row, each non-empty.
+        pad_token_id (`int`): Id written on padding (masked, so any id works).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `input_ids` and `attention_mask`, both `(B, T)` long.
+
+    Example:
+        >>> input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+        >>> input_ids.tolist(), attention_mask.tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
@@ -98,26 +114,17 @@ def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, t
     return input_ids, attention_mask
 
 
-def _pad_cache_left(cache: DynamicCache, width: int) -> None:
-    """Prepend `width` empty (masked) positions to every layer of `cache`."""
-    for layer in cache.layers:
-        keys, values = layer.keys, layer.values  # (B, H, T, D)
-        layer.keys = torch.cat([keys.new_zeros(*keys.shape[:2], width, keys.shape[3]), keys], dim=2)
-        layer.values = torch.cat([values.new_zeros(*values.shape[:2], width, values.shape[3]), values], dim=2)
-
-
-def _concat_caches(cache: DynamicCache, other: DynamicCache) -> None:
-    """Append the rows of `other` to `cache`, in place; both must have the same length."""
-    for layer, other_layer in zip(cache.layers, other.layers):
-        layer.keys = torch.cat([layer.keys, other_layer.keys], dim=0)
-        layer.values = torch.cat([layer.values, other_layer.values], dim=0)
-
-
-def _select_cache(cache: DynamicCache, rows: torch.Tensor, start: int) -> None:
-    """Keep `rows` of `cache` and drop its first `start` positions, in place."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[rows, :, start:]
-        layer.values = layer.values[rows, :, start:]
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts_messages: list[list[dict[str, str]]] | list[str]
+) -> list[list[int]]:
+    """Token ids of each prompt: conversational prompts through the chat template with a generation prompt, prompt
+    strings as they are (no special tokens added)."""
+    return [
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, str)
+        else tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+        for prompt in prompts_messages
+    ]
 
 
 @torch.no_grad()
@@ -185,12 +192,7 @@ def generate_completions(
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
 
-    prompt_ids = [
-        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
-        if not isinstance(prompt, str)
-        else tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        for prompt in prompts_messages
-    ]
+    prompt_ids = tokenize_prompts(tokenizer, prompts_messages)
     # Work items (prompt_index, sample_index), shortest prompts first so each prefill group pads little.
     queue = sorted(
         ((i, j) for i in range(len(prompt_ids)) for j in range(num_samples)), key=lambda item: len(prompt_ids[item[0]])
@@ -210,35 +212,16 @@ def generate_completions(
         free = batch_size - len(rows)
         if queue and (free >= max(1, batch_size // 4) or not rows):
             new_items = [queue.pop() for _ in range(min(free, len(queue)))]
-            new_ids, new_mask = _left_pad([prompt_ids[i] for i, _ in new_items], pad_token_id)
+            new_ids, new_mask = left_pad([prompt_ids[i] for i, _ in new_items], pad_token_id)
             new_ids, new_mask = new_ids.to(device), new_mask.to(device)
-            new_positions = (new_mask.cumsum(dim=1) - 1).clamp(min=0)  # (n, P)
-            new_cache = DynamicCache(config=model.config)
-            outputs = model(
-                input_ids=new_ids,
-                attention_mask=new_mask,
-                position_ids=new_positions,
-                past_key_values=new_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            if any(type(layer) is not DynamicLayer for layer in new_cache.layers):
-                raise ValueError("generate_completions supports models with a plain DynamicCache (no sliding window).")
+            outputs, new_cache = prefill(model, new_ids, new_mask, logits_to_keep=1)
             first_tokens = sample_next_tokens(outputs.logits[:, -1], temperature, top_p, top_k, generator)  # (n,)
             if cache is None or not rows:
                 cache, attention_mask = new_cache, new_mask
                 positions = new_mask.sum(dim=1)
                 rows, generated = [], []
             else:
-                width = max(attention_mask.size(1), new_mask.size(1))
-                if attention_mask.size(1) < width:
-                    _pad_cache_left(cache, width - attention_mask.size(1))
-                    attention_mask = torch.nn.functional.pad(attention_mask, (width - attention_mask.size(1), 0))
-                if new_mask.size(1) < width:
-                    _pad_cache_left(new_cache, width - new_mask.size(1))
-                    new_mask = torch.nn.functional.pad(new_mask, (width - new_mask.size(1), 0))
-                _concat_caches(cache, new_cache)
-                attention_mask = torch.cat([attention_mask, new_mask], dim=0)
+                attention_mask = append_rows(cache, attention_mask, new_cache, new_mask)
                 positions = torch.cat([positions, new_mask.sum(dim=1)])
             rows += new_items
             generated += [[token] for token in first_tokens.tolist()]
@@ -246,13 +229,7 @@ def generate_completions(
             # 2. Decode one token for every row in flight.
             last_tokens = torch.tensor([tokens[-1] for tokens in generated], device=device)[:, None]  # (B, 1)
             attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)  # (B, T + 1)
-            outputs = model(
-                input_ids=last_tokens,
-                attention_mask=attention_mask,
-                position_ids=positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
+            outputs = forward_with_cache(model, cache, last_tokens, attention_mask, positions[:, None])
             positions = positions + 1
             next_tokens = sample_next_tokens(outputs.logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
             for tokens, token in zip(generated, next_tokens.tolist()):
@@ -279,9 +256,6 @@ def generate_completions(
             keep = [k for k in range(len(rows)) if k not in finished_rows]
             rows, generated = [rows[k] for k in keep], [generated[k] for k in keep]
             keep_index = torch.tensor(keep, dtype=torch.long, device=device)
-            attention_mask = attention_mask[keep_index]
-            start = int((attention_mask.sum(dim=0) > 0).long().argmax()) if keep else attention_mask.size(1)
-            _select_cache(cache, keep_index, start)
-            attention_mask, positions = attention_mask[:, start:], positions[keep_index]
+            attention_mask, positions = keep_rows(attention_mask, keep_index, cache), positions[keep_index]
     progress_bar.close()
     return [results[(i, j)] for i in range(len(prompt_ids)) for j in range(num_samples)]

@@ -1,30 +1,21 @@
 """LenVM-guided decoding: steer a causal LM's output length with a Length Value Model (paper section 5).
 
-At every step the policy's next-token distribution is cut to a candidate set (top-k, then top-p and min-p), the
-LenVM scores every candidate ``x`` with the value of the state after it, ``v(x) = V(s_t + x)`` (a stop-token
-candidate gets exactly 0: the episode ends there), and one candidate is chosen:
-
-- ``"tilt"``: sample from ``p'(x) ∝ p(x) exp(beta * u(x))`` with ``u(x) = -v(x) = 1 - gamma^l(x)`` in ``[0, 1)``,
-  as in the reference implementation; ``beta < 0`` favours shorter continuations, ``beta = 0`` is the base
-  model's sampling, bit for bit.
-- ``"equal_to"`` (target ``T``): the candidate whose value is closest to ``v* = -(1 - gamma^max(T - t, 0))``,
-  where ``t`` counts the generated tokens *including* the candidate. Sign convention: our values are the
-  negative returns ``V = -(1 - gamma^l)``, so ``v*`` is the value of a state with exactly ``T - t`` tokens left
-  (the method doc writes the same target in ``u``-space, ``1 - gamma^(T - t)``). A stop token chosen as token
-  ``T`` has value 0 = ``v*``, so ``L = T`` is reachable exactly.
-- ``"at_most"`` / ``"at_least"`` (target ``T``): the reference rule picks the candidate with the shortest (longest)
-  predicted continuation at every step, which meets the bound trivially (At Most stops as soon as a stop token
-  enters the candidate set). Here the policy keeps its own choice (sampled or greedy, as configured) among the
-  candidates whose predicted total length ``t + l(x)`` still meets the bound, and the reference rule applies only
-  when no candidate does. ``l(x) = log(1 + v(x)) / log(gamma)``.
+At every step the policy's next-token distribution is cut to a candidate set, the LenVM scores every candidate
+``x`` with the value of the state after it, ``v(x) = V(s_t + x)`` (a stop-token candidate gets exactly 0: the
+episode ends there), and one candidate is chosen by tilting (``p'(x) ∝ p(x) exp(beta * (1 - gamma^l(x)))``) or by a
+hard length constraint (Equal To / At Most / At Least a target ``T``). The candidate set and the selection rules are
+pure functions of [`lenvm_rl.candidates`], where their equations are written out; this module owns the decoding
+loop around them ([`generate_with_length_guidance`], [`guided_generate_completions`]), its configuration
+([`LengthGuidanceConfig`]) and the LenVM's candidate scoring ([`score_candidates`]).
 
 Cost and cache strategy. The LenVM keeps a key/value cache of the prefix, in lockstep with the policy's. Each
 step scores all ``k`` candidates of all rows in ONE forward of shape ``(B, k)`` against that cache: the ``k``
 candidates sit at the same position and a 4D attention mask lets each attend to the prefix and to itself only
 (the tree mask of the reference SGLang fork). A candidate's keys/values are then exactly those a plain forward
 of that token would have produced, so the cache is extended by *keeping the chosen candidate's column* and
-dropping the others: no second LenVM forward per step, and no copy of the prefix cache per candidate (the
-alternative, repeating the cache ``k`` times, is measured in ``benchmarks/guided_decoding.py``).
+dropping the others ([`~lenvm_rl.kv_cache.keep_chosen_candidates`]): no second LenVM forward per step, and no copy
+of the prefix cache per candidate (the alternative, repeating the cache ``k`` times, is measured in
+``benchmarks/guided_decoding.py``).
 
 Rows are left-padded and position ids count real tokens only (for the policy and the LenVM), so a row gets the
 same tokens alone or in a batch (deterministic modes; sampled modes share one generator across rows). A row
@@ -32,48 +23,35 @@ that emits a stop token or reaches ``max_new_tokens`` leaves the batch.
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
-from .core import lengths_to_values, values_to_lengths
-from .generation import _left_pad, _select_cache
+from .candidates import CONSTRAINT_MODES, GuidanceMode, candidate_set, select_candidates
+from .generation import left_pad, tokenize_prompts
+from .kv_cache import forward_with_cache, keep_chosen_candidates, keep_rows, prefill
 from .modeling import LengthValueModel
 
 __all__ = [
-    "GuidedEvalArguments",
+    "CandidateSamplingConfig",
     "GuidedGeneration",
     "LengthGuidanceConfig",
-    "candidate_set",
     "generate_with_length_guidance",
     "guided_generate_completions",
-    "keep_chosen_candidates",
     "score_candidates",
     "score_candidates_by_reencoding",
-    "select_candidates",
 ]
 
-GuidanceMode = Literal["none", "tilt", "equal_to", "at_most", "at_least"]
-CONSTRAINT_MODES = ("equal_to", "at_most", "at_least")
 
-
-@dataclass
-class LengthGuidanceConfig:
+@dataclass(kw_only=True)
+class CandidateSamplingConfig:
     r"""
-    Configuration of [`generate_with_length_guidance`].
+    The candidate set of each decoding step and how a candidate is drawn: the knobs [`LengthGuidanceConfig`] shares
+    with the guided-decoding recipes' arguments ([`~lenvm_rl.configs.GuidedEvalArguments`]). Keyword-only.
 
     Parameters:
-        mode (`str`, *optional*, defaults to `"tilt"`):
-            `"none"` (the base model's sampling from the candidate set, no LenVM), `"tilt"` (exponential tilting
-            with `beta`), or a hard length constraint `"equal_to"`, `"at_most"`, `"at_least"` (needs target
-            lengths).
-        beta (`float`, *optional*, defaults to `0.0`):
-            Tilt strength: `p'(x) ∝ p(x) exp(beta * (1 - gamma^l(x)))`; negative shortens, `0` is the base model.
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Length cap; a row cut there has `finish_reason="length"`.
         temperature (`float`, *optional*, defaults to `1.0`):
@@ -85,30 +63,15 @@ class LengthGuidanceConfig:
             Nucleus filter inside the top-k set (on the temperature-scaled distribution); `1.0` keeps all.
         min_p (`float`, *optional*, defaults to `0.0`):
             Drops candidates with probability below `min_p` times the top probability; `0.0` keeps all.
-        stop_token_ids (`list[int]` or `None`, *optional*, defaults to `None`):
-            Tokens that end a row (their candidate value is 0); `None` takes the policy's
-            `generation_config.eos_token_id`.
     """
 
-    mode: GuidanceMode = field(
-        default="tilt",
-        metadata={"help": "none | tilt | equal_to | at_most | at_least.", "choices": list(GuidanceMode.__args__)},
-    )
-    beta: float = field(
-        default=0.0, metadata={"help": "Tilt strength; negative shortens, 0 is the base model's sampling."}
-    )
     max_new_tokens: int = field(default=256, metadata={"help": "Length cap (finish_reason='length')."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; 0 chooses greedily."})
     top_k: int = field(default=8, metadata={"help": "Candidates per step, all scored by the LenVM."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the top-k set; 1.0 keeps all."})
     min_p: float = field(default=0.0, metadata={"help": "Drop candidates below min_p * top probability."})
-    stop_token_ids: list[int] | None = field(
-        default=None, metadata={"help": "Stop tokens (value 0); default: the policy's generation_config.eos_token_id."}
-    )
 
     def __post_init__(self):
-        if self.mode not in GuidanceMode.__args__:
-            raise ValueError(f"--mode must be one of {GuidanceMode.__args__}, got {self.mode!r}")
         if self.top_k < 1:
             raise ValueError(f"--top_k must be at least 1 (the LenVM scores a finite candidate set), got {self.top_k}")
         if self.max_new_tokens < 1:
@@ -119,6 +82,43 @@ class LengthGuidanceConfig:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"--min_p must be in [0, 1), got {self.min_p}")
+
+
+@dataclass
+class LengthGuidanceConfig(CandidateSamplingConfig):
+    r"""
+    Configuration of [`generate_with_length_guidance`].
+
+    Parameters:
+        mode (`str`, *optional*, defaults to `"tilt"`):
+            `"none"` (the base model's sampling from the candidate set, no LenVM), `"tilt"` (exponential tilting
+            with `beta`), or a hard length constraint `"equal_to"`, `"at_most"`, `"at_least"` (needs target
+            lengths). The rules: [`~lenvm_rl.candidates.select_candidates`].
+        beta (`float`, *optional*, defaults to `0.0`):
+            Tilt strength: `p'(x) ∝ p(x) exp(beta * (1 - gamma^l(x)))`; negative shortens, `0` is the base model.
+        stop_token_ids (`list[int]` or `None`, *optional*, defaults to `None`):
+            Tokens that end a row (their candidate value is 0); `None` takes the policy's
+            `generation_config.eos_token_id`.
+
+        > Candidate set and sampling, keyword-only ([`CandidateSamplingConfig`]): `max_new_tokens` (256),
+        > `temperature` (1.0), `top_k` (8), `top_p` (1.0), `min_p` (0.0).
+    """
+
+    mode: GuidanceMode = field(
+        default="tilt",
+        metadata={"help": "none | tilt | equal_to | at_most | at_least.", "choices": list(GuidanceMode.__args__)},
+    )
+    beta: float = field(
+        default=0.0, metadata={"help": "Tilt strength; negative shortens, 0 is the base model's sampling."}
+    )
+    stop_token_ids: list[int] | None = field(
+        default=None, metadata={"help": "Stop tokens (value 0); default: the policy's generation_config.eos_token_id."}
+    )
+
+    def __post_init__(self):
+        if self.mode not in GuidanceMode.__args__:
+            raise ValueError(f"--mode must be one of {GuidanceMode.__args__}, got {self.mode!r}")
+        super().__post_init__()
 
 
 @dataclass
@@ -144,138 +144,6 @@ class GuidedGeneration:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Candidates and selection (pure torch)
-
-
-def candidate_set(
-    logits: torch.Tensor, top_k: int, top_p: float = 1.0, min_p: float = 0.0, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    The candidate tokens of one decoding step and their temperature-scaled log-probabilities.
-
-    The `top_k` most likely tokens, in descending order, then top-p and min-p inside them (on the
-    temperature-scaled distribution; temperature `0` filters at temperature 1). A dropped candidate keeps its id
-    and gets log-probability `-inf`; the most likely token is never dropped.
-
-    Args:
-        logits (`torch.Tensor`):
-            `(B, V)` next-token logits.
-        top_k (`int`):
-            Candidates per row, at most `V`.
-        top_p (`float`, *optional*, defaults to `1.0`):
-            Keep the smallest prefix of candidates whose probability reaches `top_p`.
-        min_p (`float`, *optional*, defaults to `0.0`):
-            Drop candidates with probability below `min_p` times the top probability.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: `candidate_ids` `(B, k)` long and `candidate_logprobs` `(B, k)`
-        float32, normalised over the kept candidates.
-
-    Example:
-        >>> ids, logprobs = candidate_set(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), top_k=3, min_p=0.3)
-        >>> ids.tolist(), logprobs.isfinite().tolist()
-        ([[1, 3, 2]], [[True, True, False]])
-    """
-    top_k = min(top_k, logits.size(-1))
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B, V)
-    top_logits, candidate_ids = scaled.topk(top_k, dim=-1)  # (B, k), descending
-    probs = top_logits.softmax(dim=-1)  # (B, k) renormalised over the top-k
-    drop = torch.zeros_like(probs, dtype=torch.bool)
-    if top_p < 1.0:
-        # Drop a candidate when the candidates ranked above it already reach top_p.
-        drop |= probs.cumsum(dim=-1) - probs >= top_p
-    if min_p > 0.0:
-        drop |= probs < min_p * probs[:, :1]
-    drop[:, 0] = False
-    return candidate_ids, top_logits.masked_fill(drop, float("-inf")).log_softmax(dim=-1)
-
-
-def select_candidates(
-    candidate_logprobs: torch.Tensor,
-    values: torch.Tensor | None,
-    mode: GuidanceMode,
-    gamma: float | None = None,
-    beta: float = 0.0,
-    steps: torch.Tensor | None = None,
-    target_lengths: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    r"""
-    Choose one candidate per row (paper section 5).
-
-    - `"none"`: sample from the candidate distribution (argmax at temperature 0).
-    - `"tilt"`: the same on `log p(x) + beta * u(x)` with `u(x) = -v(x) = 1 - gamma^l(x)`; with `beta = 0` this
-      is exactly `"none"` (adding 0 changes no bit).
-    - `"equal_to"`: `argmin_x |v(x) - v*|` with `v* = -(1 - gamma^max(T - t, 0))`, `t = steps + 1` the generated
-      tokens including the candidate.
-    - `"at_most"` / `"at_least"`: the base choice among candidates with `t + l(x) <= T` (`>= T`), where
-      `l(x) = log(1 + v(x)) / log(gamma)`; the largest (smallest) value when no candidate qualifies.
-
-    Args:
-        candidate_logprobs (`torch.Tensor`):
-            `(B, k)` temperature-scaled log-probabilities, `-inf` for dropped candidates.
-        values (`torch.Tensor` or `None`):
-            `(B, k)` LenVM values of the candidates (0 for stop tokens); unused for `"none"`.
-        mode (`str`):
-            One of `"none"`, `"tilt"`, `"equal_to"`, `"at_most"`, `"at_least"`.
-        gamma (`float`, *optional*):
-            The LenVM's discount; needed by the constraint modes.
-        beta (`float`, *optional*, defaults to `0.0`):
-            Tilt strength.
-        steps (`torch.Tensor`, *optional*):
-            `(B,)` tokens generated so far (before the candidate); needed by the constraint modes.
-        target_lengths (`torch.Tensor`, *optional*):
-            `(B,)` target lengths `T` in tokens, stop token included; needed by the constraint modes.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            `0` takes the argmax instead of sampling.
-        generator (`torch.Generator`, *optional*):
-            Source of randomness.
-
-    Returns:
-        `torch.Tensor`: `(B,)` index of the chosen candidate in each row.
-
-    Example:
-        >>> logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-        >>> values = torch.tensor([[-0.75, -0.5, 0.0]])  # 2, 1 and 0 tokens left at gamma = 0.5
-        >>> select_candidates(logprobs, values, "equal_to", 0.5, steps=torch.tensor([3]),
-        ...                   target_lengths=torch.tensor([5])).tolist()  # 5 - 4 = 1 token left after it
-        [1]
-    """
-    valid = candidate_logprobs.isfinite()  # (B, k)
-    if mode in ("none", "tilt"):
-        scores = candidate_logprobs if mode == "none" else candidate_logprobs + beta * (-values)
-        return _sample(scores, temperature, generator)
-    if mode not in CONSTRAINT_MODES:
-        raise ValueError(f"unknown guidance mode {mode!r}")
-    if values is None or gamma is None or steps is None or target_lengths is None:
-        raise ValueError(f"mode={mode!r} needs candidate values, gamma, steps and target_lengths")
-    remaining = (target_lengths - (steps + 1)).clamp(min=0)  # (B,) tokens left after the candidate
-    if mode == "equal_to":
-        target_values = lengths_to_values(remaining.to(values.dtype), gamma).to(values.dtype)  # (B,)
-        distance = (values - target_values[:, None]).abs().masked_fill(~valid, float("inf"))
-        return distance.argmin(dim=-1)
-    predicted = values_to_lengths(values.double(), gamma)  # (B, k) predicted tokens left after the candidate
-    feasible = predicted <= remaining[:, None] if mode == "at_most" else predicted >= remaining[:, None]
-    feasible &= valid
-    base = _sample(candidate_logprobs.masked_fill(~feasible, float("-inf")), temperature, generator)
-    extreme_values = values.masked_fill(~valid, -math.inf if mode == "at_most" else math.inf)
-    extreme = extreme_values.argmax(dim=-1) if mode == "at_most" else extreme_values.argmin(dim=-1)
-    return torch.where(feasible.any(dim=-1), base, extreme)
-
-
-def _sample(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    if temperature == 0:
-        return scores.argmax(dim=-1)
-    # Rows without a finite score (only reachable through masking) fall back to the first candidate.
-    scores = torch.where(scores.isfinite().any(dim=-1, keepdim=True), scores, torch.zeros_like(scores))
-    probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # (B, k), softmax up to normalisation
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Candidate scoring against the LenVM cache
 
 
@@ -292,7 +160,7 @@ def score_candidates(
 
     All `k` candidates of a row sit at the row's next position; a 4D mask lets each attend to the prefix (its
     real tokens) and to itself, never to the other candidates. The forward appends the `k` candidate columns to
-    `past_key_values`; call [`keep_chosen_candidates`] next to keep only the chosen one.
+    `past_key_values`; call [`~lenvm_rl.kv_cache.keep_chosen_candidates`] next to keep only the chosen one.
 
     Args:
         lenvm ([`LengthValueModel`]):
@@ -318,36 +186,9 @@ def score_candidates(
     allowed = torch.cat([prefix, own], dim=-1)  # (B, 1, k, P + k)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=candidate_ids.device)
     mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)  # additive: works for eager and sdpa
-    values = lenvm(
-        candidate_ids,
-        attention_mask=mask,
-        position_ids=position_ids[:, None].expand(B, k),
-        past_key_values=past_key_values,
-        use_cache=True,
-    ).values  # (B, k)
+    positions = position_ids[:, None].expand(B, k)  # (B, k) all candidates at the row's next position
+    values = forward_with_cache(lenvm, past_key_values, candidate_ids, mask, positions).values  # (B, k)
     return _force_stop_values(values, candidate_ids, stop_token_ids)
-
-
-def keep_chosen_candidates(past_key_values: DynamicCache, choices: torch.Tensor, num_candidates: int) -> None:
-    """
-    Drop the candidate columns [`score_candidates`] appended to the cache, except each row's chosen one.
-
-    The chosen candidate's keys and values are those of a plain forward of that token (it attended to the prefix
-    and itself only), so this is the cache extended by the chosen token, in place.
-
-    Args:
-        past_key_values (`transformers.DynamicCache`):
-            Cache of `P` prefix columns followed by `num_candidates` candidate columns.
-        choices (`torch.Tensor`):
-            `(B,)` index of the chosen candidate of each row.
-        num_candidates (`int`):
-            `k`, the number of candidate columns.
-    """
-    for layer in past_key_values.layers:
-        P = layer.keys.size(2) - num_candidates
-        index = (P + choices)[:, None, None, None].expand(-1, layer.keys.size(1), 1, layer.keys.size(3))
-        layer.keys = torch.cat([layer.keys[:, :, :P], layer.keys.gather(2, index)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :P], layer.values.gather(2, index)], dim=2)
 
 
 @torch.no_grad()
@@ -406,10 +247,11 @@ def generate_with_length_guidance(
     """
     Generate completions of a left-padded batch, steering their lengths with a LenVM.
 
-    Each step: 1. candidate set from the policy's logits ([`candidate_set`]); 2. LenVM values of all candidates
-    in one cached forward ([`score_candidates`], stop tokens forced to 0); 3. choose ([`select_candidates`]);
-    4. extend the LenVM cache with the chosen column ([`keep_chosen_candidates`]) and run the policy on the
-    chosen token; 5. retire finished rows from both caches.
+    Each step: 1. candidate set from the policy's logits ([`~lenvm_rl.candidates.candidate_set`]); 2. LenVM values
+    of all candidates in one cached forward ([`score_candidates`], stop tokens forced to 0); 3. choose
+    ([`~lenvm_rl.candidates.select_candidates`]); 4. extend the LenVM cache with the chosen column
+    ([`~lenvm_rl.kv_cache.keep_chosen_candidates`]) and run the policy on the chosen token; 5. retire finished rows
+    from both caches ([`~lenvm_rl.kv_cache.keep_rows`]).
 
     Args:
         model ([`~transformers.PreTrainedModel`]):
@@ -454,29 +296,14 @@ def generate_with_length_guidance(
     model.eval()
 
     # 1. Prefill the policy and the LenVM on the prompts (padding-aware positions).
-    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P)
-    policy_cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=policy_cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]  # (B, V)
-    _check_plain_cache(policy_cache)
-    lenvm_cache, prompt_values = None, None
+    outputs, policy_cache = prefill(model, input_ids, attention_mask, logits_to_keep=1)
+    logits = outputs.logits[:, -1]  # (B, V)
+    caches, prompt_values = [policy_cache], None
     if guided:
         lenvm.eval()
-        lenvm_cache = DynamicCache(config=lenvm.config)
-        prompt_values = lenvm(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=lenvm_cache,
-            use_cache=True,
-        ).values[:, -1]  # (B,)
-        _check_plain_cache(lenvm_cache)
+        outputs, lenvm_cache = prefill(lenvm, input_ids, attention_mask)
+        prompt_values = outputs.values[:, -1]  # (B,)
+        caches.append(lenvm_cache)
 
     rows = list(range(B))  # original index of each row in flight
     next_positions = attention_mask.sum(dim=1)  # (B,)
@@ -530,19 +357,10 @@ def generate_with_length_guidance(
             rows = [rows[j] for j in keep.tolist()]
             if not rows:
                 break
-            attention_mask, next_tokens, next_positions = attention_mask[keep], next_tokens[keep], next_positions[keep]
-            start = int((attention_mask.sum(dim=0) > 0).long().argmax())  # first column any row still attends to
-            attention_mask = attention_mask[:, start:]
-            _select_cache(policy_cache, keep, start)
-            if guided:
-                _select_cache(lenvm_cache, keep, start)
-        logits = model(
-            input_ids=next_tokens,
-            attention_mask=attention_mask,
-            position_ids=next_positions[:, None],
-            past_key_values=policy_cache,
-            use_cache=True,
-        ).logits[:, -1]  # (b, V)
+            attention_mask = keep_rows(attention_mask, keep, *caches)
+            next_tokens, next_positions = next_tokens[keep], next_positions[keep]
+        outputs = forward_with_cache(model, policy_cache, next_tokens, attention_mask, next_positions[:, None])
+        logits = outputs.logits[:, -1]  # (b, V)
         next_positions = next_positions + 1
     return GuidedGeneration(
         completion_ids=completions,
@@ -550,11 +368,6 @@ def generate_with_length_guidance(
         prompt_values=prompt_values,
         values=values_out if guided else None,
     )
-
-
-def _check_plain_cache(cache: DynamicCache) -> None:
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise ValueError("Length guidance supports models with a plain DynamicCache (no sliding window).")
 
 
 def guided_generate_completions(
@@ -599,12 +412,7 @@ def guided_generate_completions(
     if config.stop_token_ids is None and model.generation_config.eos_token_id is None:
         config = dataclasses.replace(config, stop_token_ids=[tokenizer.eos_token_id])
     device = model.device
-    prompt_ids = [
-        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
-        if not isinstance(prompt, str)
-        else tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        for prompt in prompts_messages
-    ]
+    prompt_ids = tokenize_prompts(tokenizer, prompts_messages)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     generator = torch.Generator(device=device).manual_seed(seed)
     N = len(prompt_ids)
@@ -612,7 +420,7 @@ def guided_generate_completions(
     prompt_values = torch.zeros(N)
     for start in tqdm(range(0, N, batch_size), desc="Guided generation", disable=not progress):
         index = order[start : start + batch_size]
-        batch_ids, batch_mask = _left_pad([prompt_ids[i] for i in index], tokenizer.pad_token_id)
+        batch_ids, batch_mask = left_pad([prompt_ids[i] for i in index], tokenizer.pad_token_id)
         targets = None if target_lengths is None else [target_lengths[i] for i in index]
         out = generate_with_length_guidance(
             model, batch_ids.to(device), batch_mask.to(device), lenvm, config, targets, generator
@@ -629,60 +437,3 @@ def guided_generate_completions(
         prompt_values=prompt_values if guided else None,
         values=values if guided else None,
     )
-
-
-@dataclass
-class GuidedEvalArguments:
-    """
-    The arguments the guided-decoding evaluation recipes share (`recipes/eval_length_control.py`,
-    `recipes/eval_tradeoff.py`): the policy and its LenVM, the held-out problems, the candidate set and sampling.
-
-    Parameters:
-        policy_path (`str`): The policy (causal LM directory with its tokenizer).
-        lenvm_path (`str`): A LenVM trained on that policy's completions.
-        output_dir (`str`): Where the JSON and the PNG go.
-        dataset_name (`str`): Problems with `question` and `answer` (a local directory, file or hub id).
-        dataset_split (`str`): Split of held-out problems.
-        num_problems (`int`): Problems evaluated (the first ones of the split).
-        system_prompt (`str` or `None`): System message of the prompts.
-        instruction (`str` or `None`): Text appended to each question.
-        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
-        top_k (`int`): Candidates per step.
-        top_p (`float`): Nucleus filter inside the candidates.
-        min_p (`float`): Min-p filter inside the candidates.
-        temperature (`float`): Sampling temperature.
-        max_new_tokens (`int`): Length cap.
-        batch_size (`int`): Prompts per batch.
-        seed (`int`): Sampling seed.
-        num_threads (`int`): `torch.set_num_threads`.
-    """
-
-    policy_path: str = field(metadata={"help": "The policy (causal LM directory with its tokenizer)."})
-    lenvm_path: str = field(metadata={"help": "A LenVM trained on that policy's completions."})
-    output_dir: str = field(metadata={"help": "Where the JSON and the PNG go."})
-    dataset_name: str = field(
-        default="outputs/demo/world/data", metadata={"help": "Problems with question/answer (dir, file or hub id)."}
-    )
-    dataset_split: str = field(default="test", metadata={"help": "Split of held-out problems."})
-    num_problems: int = field(default=64, metadata={"help": "Problems evaluated (the first ones of the split)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System message of the prompts."})
-    instruction: str | None = field(default=None, metadata={"help": "Text appended to each question."})
-    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
-    top_k: int = field(default=8, metadata={"help": "Candidates per step."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the candidates."})
-    min_p: float = field(default=0.0, metadata={"help": "Min-p filter inside the candidates."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per batch."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    num_threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
-
-    def sampling_kwargs(self) -> dict:
-        """The [`LengthGuidanceConfig`] fields these arguments set (candidate set, temperature, length cap)."""
-        return dict(
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            temperature=self.temperature,
-            max_new_tokens=self.max_new_tokens,
-        )

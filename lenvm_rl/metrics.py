@@ -311,7 +311,7 @@ def _log_prompt_length_design(prompt_lengths: torch.Tensor | Sequence[int]) -> t
 # LIFEBench-style scores of hard length constraints and the hard token-budget baseline of the trade-off curve
 # (method doc section 5). Lengths are generated tokens, stop token included.
 
-__all__ += ["length_deviation", "length_score", "token_budget_curve"]
+__all__ += ["TokenBudgetCurve", "length_deviation", "length_score", "token_budget_curve"]
 
 LengthConstraint = Literal["equal_to", "at_most", "at_least"]
 
@@ -384,11 +384,29 @@ def length_score(
     return scores
 
 
+class TokenBudgetCurve(NamedTuple):
+    """Result of [`token_budget_curve`].
+
+    Attributes:
+        budgets (`torch.Tensor`): ``(K,)`` long token budgets ``B``.
+        mean_tokens (`torch.Tensor`): ``(K,)`` float64 mean tokens per completion at each budget.
+        accuracy (`torch.Tensor`): ``(K,)`` float64 accuracy at each budget.
+    """
+
+    budgets: torch.Tensor
+    mean_tokens: torch.Tensor
+    accuracy: torch.Tensor
+
+    def to_dict(self) -> dict[str, list]:
+        """The curve as JSON-ready lists: ``{"budgets": [...], "mean_tokens": [...], "accuracy": [...]}``."""
+        return {name: tensor.tolist() for name, tensor in self._asdict().items()}
+
+
 def token_budget_curve(
     lengths: torch.Tensor | Sequence[int],
     correct: torch.Tensor | Sequence[bool],
-    budgets: torch.Tensor | Sequence[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    budgets: torch.Tensor | Sequence[int] | None = None,
+) -> TokenBudgetCurve:
     """Accuracy and mean tokens of the hard token-budget baseline (paper section 5).
 
     Each completion is cut at ``B`` tokens: it costs ``min(L, B)`` tokens and counts as correct only if it was
@@ -401,22 +419,29 @@ def token_budget_curve(
             ``(N,)`` lengths of the unconstrained completions.
         correct (`torch.Tensor` or `Sequence[bool]`):
             ``(N,)`` whether each unconstrained completion is correct.
-        budgets (`torch.Tensor` or `Sequence[int]`):
-            ``(K,)`` token budgets.
+        budgets (`torch.Tensor` or `Sequence[int]`, *optional*):
+            ``(K,)`` token budgets; by default (`None` or empty) every 8 tokens up to the longest completion.
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ``mean_tokens`` and ``accuracy``, both ``(K,)`` float64.
+        [`TokenBudgetCurve`]: ``budgets``, ``mean_tokens`` and ``accuracy``, each ``(K,)``; ``to_dict()`` gives
+        the JSON form.
 
     Example:
-        >>> token_budget_curve([2, 4, 8], [True, True, False], budgets=[4, 8])
+        >>> curve = token_budget_curve([2, 4, 8], [True, True, False], budgets=[4, 8])
+        >>> curve.mean_tokens, curve.accuracy
         (tensor([3.3333, 4.6667], dtype=torch.float64), tensor([0.6667, 0.6667], dtype=torch.float64))
+        >>> token_budget_curve([3, 17], [True, False]).to_dict()  # default budgets: 8, 16, 24
+        {'budgets': [8, 16, 24], 'mean_tokens': [5.5, 9.5, 10.0], 'accuracy': [0.5, 0.5, 0.5]}
     """
     lengths = torch.as_tensor(lengths).to(torch.float64)  # (N,)
     correct = torch.as_tensor(correct).bool()  # (N,)
-    budgets = torch.as_tensor(budgets).to(torch.float64)  # (K,)
-    mean_tokens = torch.minimum(lengths[None, :], budgets[:, None]).mean(dim=1)  # (K,)
-    accuracy = (correct[None, :] & (lengths[None, :] <= budgets[:, None])).to(torch.float64).mean(dim=1)  # (K,)
-    return mean_tokens, accuracy
+    if budgets is None or len(budgets) == 0:
+        budgets = torch.arange(8, int(lengths.max()) + 8, 8)
+    budgets = torch.as_tensor(budgets).long()  # (K,)
+    cut = budgets.to(torch.float64)[:, None]  # (K, 1)
+    mean_tokens = torch.minimum(lengths[None, :], cut).mean(dim=1)  # (K,)
+    accuracy = (correct[None, :] & (lengths[None, :] <= cut)).to(torch.float64).mean(dim=1)  # (K,)
+    return TokenBudgetCurve(budgets, mean_tokens, accuracy)
 
 
 def length_variance_explained(lengths: Sequence[Sequence[int]] | torch.Tensor) -> float:

@@ -8,13 +8,12 @@
 
 Each checkpoint (a causal LM directory or hub id, or a PEFT adapter directory, merged into its base for decoding)
 samples `num_samples` completions per problem ([`~lenvm_rl.evaluation.evaluate_gsm8k`]). Its hard token-budget curve
-cuts those completions at `B` tokens and counts a cut answer as wrong ([`~lenvm_rl.evaluation.budget_curve`]).
+cuts those completions at `B` tokens and counts a cut answer as wrong ([`~lenvm_rl.metrics.token_budget_curve`]).
 Writes `eval_gsm8k.json` (one run per checkpoint: accuracy, mean / median / p90 / p99 tokens, fraction truncated,
 the budget curve and, with `save_completion_stats`, the per-completion lengths and correctness) and
 `eval_gsm8k.png` (accuracy versus mean tokens), the format of `recipes/eval_tradeoff.py`.
 """
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
-from lenvm_rl.evaluation import (
-    budget_curve,
-    evaluate_gsm8k,
-    format_tradeoff_table,
-    write_tradeoff_results,
-)
+from lenvm_rl.data import DEFAULT_INSTRUCTION
+from lenvm_rl.evaluation import evaluate_gsm8k, format_tradeoff_table, load_eval_problems, write_tradeoff_results
+from lenvm_rl.io import write_json_atomic
+from lenvm_rl.metrics import token_budget_curve
 
 RESULTS_NAME = "eval_gsm8k"  # eval_gsm8k.json and eval_gsm8k.png
 
@@ -125,10 +121,14 @@ def load_policy(name_or_path: str, dtype: str = "float32"):
 def main(script_args: EvalGSM8KArguments) -> dict:
     if script_args.num_threads is not None:
         torch.set_num_threads(script_args.num_threads)
-    dataset = load_gsm8k(script_args.dataset_name, script_args.dataset_split, script_args.dataset_config)
-    if script_args.num_problems is not None:
-        dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
-    dataset = prepare_prompt_dataset(dataset, script_args.system_prompt, script_args.instruction)
+    dataset = load_eval_problems(
+        script_args.dataset_name,
+        script_args.dataset_split,
+        script_args.num_problems,
+        script_args.system_prompt,
+        script_args.instruction,
+        script_args.dataset_config,
+    )
     labels = script_args.labels or script_args.model_name_or_path
 
     runs = []
@@ -149,7 +149,7 @@ def main(script_args: EvalGSM8KArguments) -> dict:
             seed=script_args.seed,
             progress=True,
         )
-        curve = budget_curve(out["lengths"], out["correct"], script_args.budgets)
+        curve = token_budget_curve(out["lengths"], out["correct"], script_args.budgets).to_dict()
         if not script_args.save_completion_stats:
             del out["lengths"], out["correct"]
         runs.append({"label": label, "model_name_or_path": path, **out, "budget_curve": curve})
@@ -167,16 +167,13 @@ def main(script_args: EvalGSM8KArguments) -> dict:
         keys = ("accuracy", "mean_tokens", "median_tokens", "p90_tokens", "p99_tokens", "fraction_truncated")
         summary = {run["label"]: {key: run[key] for key in keys} for run in runs}
         summary["eval_gsm8k"] = str(json_path)
-        tmp_path = Path(script_args.summary_file + ".tmp")
-        tmp_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp_path, script_args.summary_file)
+        Path(script_args.summary_file).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(script_args.summary_file, summary)
     print(format_tradeoff_table(results))
     print(f"Wrote {json_path} and {png_path}")
     return results
 
 
 if __name__ == "__main__":
-    parser = TrlParser(EvalGSM8KArguments)
-    (script_args,) = parser.parse_args_and_config()
+    (script_args,) = TrlParser(EvalGSM8KArguments).parse_args_and_config()
     main(script_args)

@@ -21,17 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from lenvm_rl.data import load_gsm8k, make_conversational_prompt
-from lenvm_rl.guidance import GuidedEvalArguments, LengthGuidanceConfig, guided_generate_completions
+from lenvm_rl.configs import GuidedEvalArguments
+from lenvm_rl.evaluation import load_guided_eval, write_results
+from lenvm_rl.guidance import guided_generate_completions
 from lenvm_rl.metrics import length_deviation, length_score
-from lenvm_rl.modeling import load_frozen_lenvm
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 CONSTRAINTS = ("equal_to", "at_most", "at_least")
-RESULTS_NAME, PLOT_NAME = "length_control.json", "length_control.png"
+RESULTS_NAME = "length_control"  # length_control.json and length_control.png
 
 
 @dataclass
@@ -39,7 +38,7 @@ class EvalLengthControlArguments(GuidedEvalArguments):
     """Arguments of `recipes/eval_length_control.py`.
 
     Parameters:
-        > The arguments of [`~lenvm_rl.guidance.GuidedEvalArguments`], then:
+        > The arguments of [`~lenvm_rl.configs.GuidedEvalArguments`], then:
 
         target_lengths (`list[int]`): Target lengths `T` in tokens, stop token included.
         constraints (`list[str]`): Any of equal_to, at_most, at_least.
@@ -53,6 +52,7 @@ class EvalLengthControlArguments(GuidedEvalArguments):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         unknown = set(self.constraints) - set(CONSTRAINTS)
         if unknown:
             raise ValueError(f"--constraints must be among {CONSTRAINTS}, got {sorted(unknown)}")
@@ -82,28 +82,21 @@ def decode_answers(tokenizer, completions):
 
 def main(script_args: EvalLengthControlArguments) -> dict:
     torch.set_num_threads(script_args.num_threads)
-    tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
-    policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
-    lenvm = load_frozen_lenvm(script_args.lenvm_path, tokenizer, gamma=script_args.gamma)  # checks it reads our ids
-    dataset = load_gsm8k(script_args.dataset_name, split=script_args.dataset_split)
-    dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
-    prompts = [
-        make_conversational_prompt(q, script_args.system_prompt, script_args.instruction) for q in dataset["question"]
-    ]
+    policy, tokenizer, lenvm, dataset = load_guided_eval(script_args)
+    prompts = dataset["prompt"]
     golds = [extract_gsm8k_answer(a) for a in dataset["answer"]]
-    sampling = script_args.sampling_kwargs()
     run = dict(batch_size=script_args.batch_size, seed=script_args.seed, progress=True)
 
     # 1. Unguided: one run, scored against every target.
     unguided = guided_generate_completions(
-        policy, tokenizer, prompts, None, LengthGuidanceConfig("none", **sampling), **run
+        policy, tokenizer, prompts, None, script_args.guidance_config("none"), **run
     )
     # 2. Guided: one run per constraint and target.
     results = {"args": asdict(script_args), "gamma": lenvm.gamma, "num_problems": len(prompts), "constraints": {}}
     for constraint in script_args.constraints:
         per_target = {}
         for target in script_args.target_lengths:
-            config = LengthGuidanceConfig(constraint, **sampling)
+            config = script_args.guidance_config(constraint)
             guided = guided_generate_completions(
                 policy, tokenizer, prompts, lenvm, config, [target] * len(prompts), **run
             )
@@ -124,12 +117,9 @@ def main(script_args: EvalLengthControlArguments) -> dict:
             },
         }
 
-    output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    plot_length_control(results, output_dir / PLOT_NAME)
+    json_path, png_path = write_results(results, script_args.output_dir, RESULTS_NAME, plot_length_control)
     print(format_table(results))
-    print(f"Wrote {output_dir / RESULTS_NAME} and {output_dir / PLOT_NAME}")
+    print(f"Wrote {json_path} and {png_path}")
     return results
 
 
@@ -150,13 +140,12 @@ def format_table(results: dict) -> str:
 
 
 def plot_length_control(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Length Score (top) and mean output length (bottom) against the target, one column per constraint."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, without touching pyplot's backend
 
     constraints = list(results["constraints"])
-    fig, axes = plt.subplots(2, len(constraints), figsize=(4.5 * len(constraints), 7), squeeze=False)
+    figure = Figure(figsize=(4.5 * len(constraints), 7), layout="constrained")
+    axes = figure.subplots(2, len(constraints), squeeze=False)
     for col, constraint in enumerate(constraints):
         per_target = results["constraints"][constraint]["per_target"]
         targets = [int(t) for t in per_target]
@@ -169,19 +158,14 @@ def plot_length_control(results: dict, path: Path) -> None:
         for row in (0, 1):
             axes[row, col].set_xscale("log", base=2)
             axes[row, col].set_xlabel("target length T (tokens)")
-        axes[0, col].set_title(constraint.replace("_", " ").title())
-        axes[0, col].set_ylabel("Length Score")
-        axes[0, col].set_ylim(0, 105)
+        axes[0, col].set(title=constraint.replace("_", " ").title(), ylabel="Length Score", ylim=(0, 105))
         axes[1, col].set_yscale("log", base=2)
         axes[1, col].set_ylabel("mean output length (tokens)")
         axes[0, col].legend()
-    fig.suptitle(f"LenVM length control ({results['num_problems']} problems, gamma={results['gamma']:.4g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure.suptitle(f"LenVM length control ({results['num_problems']} problems, gamma={results['gamma']:.4g})")
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    parser = TrlParser(EvalLengthControlArguments)
-    (script_args,) = parser.parse_args_and_config()
+    (script_args,) = TrlParser(EvalLengthControlArguments).parse_args_and_config()
     main(script_args)

@@ -15,7 +15,6 @@ and `eval_length_prediction.png` to `output_dir`, and prints a table. Completion
 left out of the ground truth (their true length is unknown) and counted.
 """
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,12 +22,16 @@ import torch
 from datasets import load_dataset
 from trl import TrlParser
 
-from lenvm_rl.evaluation import evaluate_length_prediction, format_length_prediction_table, plot_length_prediction
+from lenvm_rl.evaluation import (
+    evaluate_length_prediction,
+    format_length_prediction_table,
+    plot_length_prediction,
+    write_results,
+)
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.rollouts import load_rollouts
 
-RESULTS_NAME = "eval_length_prediction.json"
-PLOT_NAME = "eval_length_prediction.png"
+RESULTS_NAME = "eval_length_prediction"  # eval_length_prediction.json and eval_length_prediction.png
 
 
 @dataclass
@@ -85,12 +88,9 @@ def main(script_args: EvalLengthPredictionArguments) -> dict:
     )
     results = {"args": asdict(script_args), **results}
 
-    output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    plot_length_prediction(results, output_dir / PLOT_NAME)
+    json_path, png_path = write_results(results, script_args.output_dir, RESULTS_NAME, plot_length_prediction)
     print(format_length_prediction_table(results))
-    print(f"Wrote {output_dir / RESULTS_NAME} and {output_dir / PLOT_NAME}")
+    print(f"Wrote {json_path} and {png_path}")
     return results
 
 
@@ -102,6 +102,5 @@ def _load_records(path: str):
 
 
 if __name__ == "__main__":
-    parser = TrlParser(EvalLengthPredictionArguments)
-    (script_args,) = parser.parse_args_and_config()
+    (script_args,) = TrlParser(EvalLengthPredictionArguments).parse_args_and_config()
     main(script_args)

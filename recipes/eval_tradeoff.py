@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from lenvm_rl.data import load_gsm8k, make_conversational_prompt
-from lenvm_rl.evaluation import accuracy_length_stats, budget_curve, write_tradeoff_results
-from lenvm_rl.guidance import GuidedEvalArguments, LengthGuidanceConfig, guided_generate_completions
-from lenvm_rl.modeling import load_frozen_lenvm
+from lenvm_rl.configs import GuidedEvalArguments
+from lenvm_rl.evaluation import accuracy_length_stats, load_guided_eval, write_tradeoff_results
+from lenvm_rl.guidance import guided_generate_completions
+from lenvm_rl.metrics import token_budget_curve
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png
@@ -34,7 +33,7 @@ class EvalTradeoffArguments(GuidedEvalArguments):
     """Arguments of `recipes/eval_tradeoff.py`.
 
     Parameters:
-        > The arguments of [`~lenvm_rl.guidance.GuidedEvalArguments`], then:
+        > The arguments of [`~lenvm_rl.configs.GuidedEvalArguments`], then:
 
         num_problems (`int`): Problems evaluated.
         num_samples (`int`): Completions per problem and beta.
@@ -53,25 +52,21 @@ class EvalTradeoffArguments(GuidedEvalArguments):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if 0.0 not in self.betas:
             raise ValueError("--betas must include 0.0: the token-budget baseline cuts the untilted completions")
 
 
 def main(script_args: EvalTradeoffArguments) -> dict:
     torch.set_num_threads(script_args.num_threads)
-    tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
-    policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
-    lenvm = load_frozen_lenvm(script_args.lenvm_path, tokenizer, gamma=script_args.gamma)  # checks it reads our ids
-    dataset = load_gsm8k(script_args.dataset_name, split=script_args.dataset_split)
-    dataset = dataset.select(range(min(script_args.num_problems, len(dataset))))
-    questions = [q for q in dataset["question"] for _ in range(script_args.num_samples)]
+    policy, tokenizer, lenvm, dataset = load_guided_eval(script_args)
+    prompts = [p for p in dataset["prompt"] for _ in range(script_args.num_samples)]
     golds = [extract_gsm8k_answer(a) for a in dataset["answer"] for _ in range(script_args.num_samples)]
-    prompts = [make_conversational_prompt(q, script_args.system_prompt, script_args.instruction) for q in questions]
 
     # 1. One run per beta (beta = 0 is the untilted policy).
     tilt = {}
     for beta in sorted(script_args.betas, reverse=True):
-        config = LengthGuidanceConfig("tilt", beta=beta, **script_args.sampling_kwargs())
+        config = script_args.guidance_config("tilt", beta)
         out = guided_generate_completions(
             policy, tokenizer, prompts, lenvm, config, batch_size=script_args.batch_size, seed=script_args.seed,
             progress=True,
@@ -91,7 +86,7 @@ def main(script_args: EvalTradeoffArguments) -> dict:
 
     # 2. Token-budget baseline from the untilted completions.
     base = tilt[0.0]
-    budget = budget_curve(base["lengths"], base["correct"], script_args.budgets)
+    budget = token_budget_curve(base["lengths"], base["correct"], script_args.budgets).to_dict()
 
     # 3. Compare at matched mean tokens.
     points, runs = [], []
@@ -128,6 +123,5 @@ def main(script_args: EvalTradeoffArguments) -> dict:
 
 
 if __name__ == "__main__":
-    parser = TrlParser(EvalTradeoffArguments)
-    (script_args,) = parser.parse_args_and_config()
+    (script_args,) = TrlParser(EvalTradeoffArguments).parse_args_and_config()
     main(script_args)

@@ -12,7 +12,7 @@ counts per token how often ``delta < -threshold`` (lengthens the predicted conti
 """
 
 import csv
-import json
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
+from lenvm_rl.io import write_json_atomic, write_text_atomic
 from lenvm_rl.length_tokens import (
     completion_td_residuals,
     count_length_tokens,
@@ -127,14 +128,15 @@ def main(script_args: LengthTokensArguments) -> dict:
 
     output_dir = Path(script_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "length_tokens.json").write_text(json.dumps(results, indent=2) + "\n")
-    with open(output_dir / "length_tokens.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["direction", "token", "token_id", "count", "lengthen", "shorten", "rate", "mean_delta"])
-        for direction in ("lengthen", "shorten"):
-            for r in results[direction]:
-                writer.writerow([direction, r["token"], r["token_id"], r["count"], r["lengthen"], r["shorten"],
-                                 f"{r['rate']:.4f}", f"{r['mean_delta']:.6f}"])  # fmt: skip
+    write_json_atomic(output_dir / "length_tokens.json", results)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["direction", "token", "token_id", "count", "lengthen", "shorten", "rate", "mean_delta"])
+    for direction in ("lengthen", "shorten"):
+        for r in results[direction]:
+            writer.writerow([direction, r["token"], r["token_id"], r["count"], r["lengthen"], r["shorten"],
+                             f"{r['rate']:.4f}", f"{r['mean_delta']:.6f}"])  # fmt: skip
+    write_text_atomic(output_dir / "length_tokens.csv", table.getvalue())
     plot_length_tokens(results, output_dir / "length_tokens.png")
 
     # 3. One completion as a hover page.
@@ -148,7 +150,7 @@ def main(script_args: LengthTokensArguments) -> dict:
         pieces, values, gamma, threshold, title="LenVM: predicted remaining length per token",
         prompt=tokenizer.decode(record["prompt_ids"]),
     )  # fmt: skip
-    (output_dir / "completion.html").write_text(page)
+    write_text_atomic(output_dir / "completion.html", page)
 
     print(f"gamma {gamma:.4g}, threshold |delta| > {threshold:.4g}; {results['num_tokens']} tokens of "
           f"{len(records)} completions: {results['fraction_lengthen']:.2%} lengthen, "
@@ -162,26 +164,21 @@ def main(script_args: LengthTokensArguments) -> dict:
 
 
 def plot_length_tokens(results: dict, path: Path) -> None:
-    import matplotlib
+    """Horizontal bars: the tokens that most often lengthen (left) and shorten (right) the predicted length."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, without touching pyplot's backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * max(len(results["lengthen"]), len(results["shorten"]), 5) + 1.5))
-    for ax, direction, color in zip(axes, ("lengthen", "shorten"), ("tab:red", "tab:green")):
+    height = 0.3 * max(len(results["lengthen"]), len(results["shorten"]), 5) + 1.5
+    figure = Figure(figsize=(11, height), layout="constrained")
+    for ax, direction, color in zip(figure.subplots(1, 2), ("lengthen", "shorten"), ("tab:red", "tab:green")):
         rows = results[direction][::-1]
         ax.barh([repr(r["token"]) for r in rows], [r[direction] for r in rows], color=color)
-        ax.set_xlabel(
-            f"occurrences with {'delta < -' if direction == 'lengthen' else 'delta > '}{results['threshold']:.3g}"
-        )
-        ax.set_title(f"tokens that most often {direction} the predicted length")
-    fig.suptitle(f"LenVM length tokens ({results['num_tokens']} tokens, gamma={results['gamma']:.4g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        sign = "delta < -" if direction == "lengthen" else "delta > "
+        ax.set(xlabel=f"occurrences with {sign}{results['threshold']:.3g}",
+               title=f"tokens that most often {direction} the predicted length")  # fmt: skip
+    figure.suptitle(f"LenVM length tokens ({results['num_tokens']} tokens, gamma={results['gamma']:.4g})")
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    parser = TrlParser(LengthTokensArguments)
-    (script_args,) = parser.parse_args_and_config()
+    (script_args,) = TrlParser(LengthTokensArguments).parse_args_and_config()
     main(script_args)

@@ -23,7 +23,8 @@ from trl import TrlParser
 
 from lenvm_rl.data import make_conversational_prompt
 from lenvm_rl.evaluation import evaluate_length_prediction, format_length_prediction_table
-from lenvm_rl.generation import _left_pad
+from lenvm_rl.generation import left_pad, tokenize_prompts
+from lenvm_rl.io import write_json_atomic, write_jsonl_atomic
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.rollouts import load_rollouts
 
@@ -70,25 +71,25 @@ def main(script_args: PredictLengthArguments) -> list[dict] | dict:
         results = evaluate_length_prediction(lenvm, _load_records(script_args.eval_rollouts), train)
         print(format_length_prediction_table(results))
         if script_args.output_file:
-            Path(script_args.output_file).write_text(json.dumps(results, indent=2) + "\n")
+            write_json_atomic(script_args.output_file, results)
         return results
 
     tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_path or script_args.lenvm_path)
     rows = [json.loads(line) for line in Path(script_args.input_file).read_text().splitlines() if line.strip()]
-    prompt_ids = []
+    prompts = []
     for i, row in enumerate(rows):
         if "prompt" in row:
-            messages = row["prompt"]
+            prompts.append(row["prompt"])
         elif "question" in row:
-            messages = make_conversational_prompt(row["question"], script_args.system_prompt, script_args.instruction)
+            prompts.append(
+                make_conversational_prompt(row["question"], script_args.system_prompt, script_args.instruction)
+            )
         else:
             raise ValueError(f"{script_args.input_file} line {i + 1} has neither `prompt` nor `question`.")
-        prompt_ids.append(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-        )
+    prompt_ids = tokenize_prompts(tokenizer, prompts)
     predictions = []
     for start in range(0, len(rows), script_args.batch_size):
-        input_ids, attention_mask = _left_pad(
+        input_ids, attention_mask = left_pad(
             prompt_ids[start : start + script_args.batch_size], tokenizer.pad_token_id
         )
         predictions += lenvm.predict_prompt_lengths(input_ids, attention_mask).tolist()
@@ -99,7 +100,7 @@ def main(script_args: PredictLengthArguments) -> list[dict] | dict:
     for i, out in enumerate(outputs):
         print(f"{i:>4}  {out['predicted_length']:8.1f} tokens")
     if script_args.output_file:
-        Path(script_args.output_file).write_text("".join(json.dumps(o) + "\n" for o in outputs))
+        write_jsonl_atomic(script_args.output_file, outputs)
         print(f"Wrote {script_args.output_file}")
     return outputs
 
@@ -110,6 +111,5 @@ def _load_records(path: str):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    parser = TrlParser(PredictLengthArguments)
-    (script_args,) = parser.parse_args_and_config()
+    (script_args,) = TrlParser(PredictLengthArguments).parse_args_and_config()
     main(script_args)

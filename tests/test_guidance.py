@@ -7,18 +7,17 @@ import torch
 from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from transformers import DynamicCache
 
+from lenvm_rl.candidates import candidate_set, select_candidates
 from lenvm_rl.core import lengths_to_values
-from lenvm_rl.generation import _left_pad
+from lenvm_rl.generation import left_pad
 from lenvm_rl.guidance import (
     LengthGuidanceConfig,
-    candidate_set,
     generate_with_length_guidance,
     guided_generate_completions,
-    keep_chosen_candidates,
     score_candidates,
     score_candidates_by_reencoding,
-    select_candidates,
 )
+from lenvm_rl.kv_cache import keep_chosen_candidates
 from lenvm_rl.length_tokens import (
     completion_td_residuals,
     count_length_tokens,
@@ -47,7 +46,7 @@ def make_lenvm(arch="llama", seed=1, vocab_size=None, gamma=0.9, head_scale=1.0,
 
 
 def padded(prompts=PROMPTS):
-    return _left_pad(prompts, pad_token_id=0)
+    return left_pad(prompts, pad_token_id=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,7 +302,7 @@ def test_length_score_and_deviation_by_hand():
 
 def test_token_budget_curve_by_hand():
     lengths, correct = [10, 20, 40, 80], [True, False, True, True]
-    mean_tokens, accuracy = token_budget_curve(lengths, correct, budgets=[10, 40, 1000])
+    _, mean_tokens, accuracy = token_budget_curve(lengths, correct, budgets=[10, 40, 1000])
     torch.testing.assert_close(mean_tokens, torch.tensor([10.0, (10 + 20 + 40 + 40) / 4, 37.5], dtype=torch.float64))
     torch.testing.assert_close(accuracy, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
 

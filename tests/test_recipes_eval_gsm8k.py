@@ -10,8 +10,9 @@ import torch
 from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from trl import TrlParser
 
-from lenvm_rl.evaluation import accuracy_length_stats, budget_curve, evaluate_gsm8k, write_tradeoff_results
+from lenvm_rl.evaluation import accuracy_length_stats, evaluate_gsm8k, write_tradeoff_results
 from lenvm_rl.generation import generate_completions
+from lenvm_rl.metrics import token_budget_curve
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +41,15 @@ def test_accuracy_length_stats_by_hand():
 
 
 def test_budget_curve_counts_cut_answers_as_wrong():
-    curve = budget_curve([2, 4, 8], [True, True, False], budgets=[1, 4, 100])
+    curve = token_budget_curve([2, 4, 8], [True, True, False], budgets=[1, 4, 100]).to_dict()
     assert curve["budgets"] == [1, 4, 100]
     assert curve["mean_tokens"] == pytest.approx([1.0, (2 + 4 + 4) / 3, (2 + 4 + 8) / 3])
     assert curve["accuracy"] == pytest.approx([0.0, 2 / 3, 2 / 3])
-    assert budget_curve([3, 17], [True, True])["budgets"] == [8, 16, 24]  # every 8 tokens up to the longest
+    assert token_budget_curve([3, 17], [True, True]).budgets.tolist() == [
+        8,
+        16,
+        24,
+    ]  # every 8 tokens up to the longest
 
 
 def test_evaluate_gsm8k_scores_every_sample_against_its_own_problem(policy):
@@ -69,7 +74,7 @@ def test_evaluate_gsm8k_scores_every_sample_against_its_own_problem(policy):
 
 
 def test_write_tradeoff_results_writes_json_and_png(tmp_path):
-    curve = budget_curve([2, 4, 8], [True, True, False], budgets=[2, 4, 8])
+    curve = token_budget_curve([2, 4, 8], [True, True, False], budgets=[2, 4, 8]).to_dict()
     results = {"title": "t", "runs": [{"label": "a", "accuracy": 0.5, "mean_tokens": 4.0, "budget_curve": curve},
                                       {"label": "b", "accuracy": 0.4, "mean_tokens": 3.0, "series": "s"}]}  # fmt: skip
     json_path, png_path = write_tradeoff_results(results, tmp_path / "out", "x")

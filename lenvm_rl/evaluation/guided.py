@@ -1,0 +1,37 @@
+"""The setup shared by the evaluations of LenVM-guided decoding (``recipes/eval_length_control.py``,
+``recipes/eval_tradeoff.py``): the policy, its LenVM and the held-out problems named by a
+[`~lenvm_rl.configs.GuidedEvalArguments`]."""
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..modeling import load_frozen_lenvm
+from .gsm8k import load_eval_problems
+
+__all__ = ["load_guided_eval"]
+
+
+def load_guided_eval(script_args) -> tuple:
+    """
+    Load what a guided-decoding evaluation runs on.
+
+    Args:
+        script_args ([`~lenvm_rl.configs.GuidedEvalArguments`]):
+            The recipe's arguments: `policy_path`, `lenvm_path`, `gamma` and the problems (`dataset_name`,
+            `dataset_split`, `num_problems`, `system_prompt`, `instruction`).
+
+    Returns:
+        `tuple`: `(policy, tokenizer, lenvm, problems)`: the policy in eval mode, its tokenizer, its LenVM frozen and
+        checked to read the policy's token ids ([`~lenvm_rl.modeling.load_frozen_lenvm`]), and the first
+        `num_problems` problems with their chat prompts ([`~lenvm_rl.evaluation.load_eval_problems`]).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(script_args.policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(script_args.policy_path).eval()
+    lenvm = load_frozen_lenvm(script_args.lenvm_path, tokenizer, gamma=script_args.gamma)
+    problems = load_eval_problems(
+        script_args.dataset_name,
+        script_args.dataset_split,
+        script_args.num_problems,
+        script_args.system_prompt,
+        script_args.instruction,
+    )
+    return policy, tokenizer, lenvm, problems

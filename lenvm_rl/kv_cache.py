@@ -1,0 +1,181 @@
+"""Key/value cache surgery for decoding loops whose rows join and leave the batch.
+
+The decoding loops of lenvm-rl ([`~lenvm_rl.generation.generate_completions`],
+[`~lenvm_rl.guidance.generate_with_length_guidance`]) keep one [`~transformers.DynamicCache`] per model with the
+layout ``(B, H, T, D)`` per layer, rows left-aligned: row ``b``'s real tokens are the columns where its attention
+mask is 1, padding sits in front and position ids count real tokens only. This module owns every operation on that
+layout:
+
+- [`forward_with_cache`]: run new tokens against a cache, appending their columns (the one call that hands a
+  cache to a model);
+- [`prefill`]: run a prompt batch into a fresh cache with padding-aware positions;
+- [`append_rows`]: splice the rows of a second cache into the batch (the narrower side is left-padded);
+- [`keep_rows`]: retire rows, and drop the leading columns no remaining row attends to;
+- [`keep_chosen_candidates`]: after a forward of ``k`` candidate columns, keep each row's chosen one;
+- [`check_plain_cache`]: the layout above needs plain [`~transformers.cache_utils.DynamicLayer`]s (no sliding
+  window), which every operation here edits in place.
+"""
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .modeling import position_ids_from_mask
+
+__all__ = ["append_rows", "check_plain_cache", "forward_with_cache", "keep_chosen_candidates", "keep_rows", "prefill"]
+
+
+def check_plain_cache(cache: DynamicCache) -> None:
+    """Raise a `ValueError` unless every layer of `cache` is a plain `DynamicLayer` (no sliding window)."""
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ValueError(
+            "lenvm-rl's decoding loops need a model whose cache is a plain DynamicCache (no sliding-window layers), "
+            "such as Llama or Qwen2 without sliding window."
+        )
+
+
+def forward_with_cache(
+    model,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    **kwargs,
+):
+    """
+    Forward `input_ids` against `cache`, which gains their key/value columns; returns the model's outputs.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or [`~lenvm_rl.LengthValueModel`]):
+            The model that filled `cache`.
+        cache (`transformers.DynamicCache`):
+            Its cache of the `(B, T)` prefix (empty for a prefill).
+        input_ids (`torch.Tensor`):
+            `(B, n)` new tokens.
+        attention_mask (`torch.Tensor`):
+            `(B, T + n)` over cached and new columns, or a 4D additive mask (candidate scoring).
+        position_ids (`torch.Tensor`):
+            `(B, n)` position of each new token, counting real tokens only.
+        **kwargs:
+            Passed to the forward (e.g. `logits_to_keep=1`).
+    """
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple:
+    """
+    Run a left-padded prompt batch through `model` into a new cache, with padding-aware position ids.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or [`~lenvm_rl.LengthValueModel`]):
+            The model; its `config` builds the cache.
+        input_ids (`torch.Tensor`):
+            `(B, P)` prompt ids, left-padded.
+        attention_mask (`torch.Tensor`):
+            `(B, P)` 1 on real tokens.
+        **kwargs:
+            Passed to the forward (e.g. `logits_to_keep=1`).
+
+    Returns:
+        `tuple`: the model's outputs and the filled [`~transformers.DynamicCache`] (checked by
+        [`check_plain_cache`]).
+    """
+    cache = DynamicCache(config=model.config)
+    positions = position_ids_from_mask(attention_mask)  # (B, P)
+    outputs = forward_with_cache(model, cache, input_ids, attention_mask, positions, **kwargs)
+    check_plain_cache(cache)
+    return outputs, cache
+
+
+def append_rows(
+    cache: DynamicCache, attention_mask: torch.Tensor, new_cache: DynamicCache, new_mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    Append the rows of `new_cache` to `cache`, in place, after left-padding the narrower one with masked columns.
+
+    Args:
+        cache (`transformers.DynamicCache`): The batch in flight, `T` columns.
+        attention_mask (`torch.Tensor`): `(B, T)` its mask.
+        new_cache (`transformers.DynamicCache`): The rows to add, `T'` columns (same model).
+        new_mask (`torch.Tensor`): `(B', T')` their mask.
+
+    Returns:
+        `torch.Tensor`: `(B + B', max(T, T'))` the mask of the joined batch.
+    """
+    width = max(attention_mask.size(1), new_mask.size(1))
+    attention_mask = _pad_left(cache, attention_mask, width)
+    new_mask = _pad_left(new_cache, new_mask, width)
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([layer.keys, new_layer.keys], dim=0)
+        layer.values = torch.cat([layer.values, new_layer.values], dim=0)
+    return torch.cat([attention_mask, new_mask], dim=0)
+
+
+def _pad_left(cache: DynamicCache, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Prepend masked (zero) columns to every layer of `cache` and to its mask, up to `width` columns."""
+    missing = width - attention_mask.size(1)
+    if missing == 0:
+        return attention_mask
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values  # (B, H, T, D)
+        layer.keys = torch.cat([keys.new_zeros(*keys.shape[:2], missing, keys.shape[3]), keys], dim=2)
+        layer.values = torch.cat([values.new_zeros(*values.shape[:2], missing, values.shape[3]), values], dim=2)
+    return torch.nn.functional.pad(attention_mask, (missing, 0))
+
+
+def keep_rows(attention_mask: torch.Tensor, rows: torch.Tensor, *caches: DynamicCache) -> torch.Tensor:
+    """
+    Keep `rows` of every cache, in place, and drop the leading columns that no kept row attends to.
+
+    Left padding is only as wide as the longest kept row needs, so the caches never outgrow the rows in flight.
+
+    Args:
+        attention_mask (`torch.Tensor`): `(B, T)` the mask of the caches.
+        rows (`torch.Tensor`): `(b,)` long indices of the rows to keep (may be empty).
+        *caches (`transformers.DynamicCache`): Caches sharing that mask (the policy's, the LenVM's).
+
+    Returns:
+        `torch.Tensor`: `(b, T - start)` the mask of the kept rows and columns.
+
+    Example:
+        >>> mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+        >>> keep_rows(mask, torch.tensor([1, 2])).tolist()  # column 0 is padding of both kept rows
+        [[0, 1, 1], [1, 1, 1]]
+    """
+    attention_mask = attention_mask[rows]
+    start = int((attention_mask.sum(dim=0) > 0).long().argmax()) if len(rows) else attention_mask.size(1)
+    for cache in caches:
+        for layer in cache.layers:
+            layer.keys = layer.keys[rows, :, start:]
+            layer.values = layer.values[rows, :, start:]
+    return attention_mask[:, start:]
+
+
+def keep_chosen_candidates(cache: DynamicCache, choices: torch.Tensor, num_candidates: int) -> None:
+    """
+    Drop the candidate columns a candidate-scoring forward appended to the cache, except each row's chosen one.
+
+    [`~lenvm_rl.guidance.score_candidates`] appends `k` columns, one per candidate, each attending to the prefix
+    and to itself only; the chosen candidate's keys and values are therefore those of a plain forward of that
+    token, and this is the cache extended by the chosen token, in place.
+
+    Args:
+        cache (`transformers.DynamicCache`):
+            Cache of `P` prefix columns followed by `num_candidates` candidate columns.
+        choices (`torch.Tensor`):
+            `(B,)` index of the chosen candidate of each row.
+        num_candidates (`int`):
+            `k`, the number of candidate columns.
+    """
+    for layer in cache.layers:
+        P = layer.keys.size(2) - num_candidates
+        index = (P + choices)[:, None, None, None].expand(-1, layer.keys.size(1), 1, layer.keys.size(3))
+        layer.keys = torch.cat([layer.keys[:, :, :P], layer.keys.gather(2, index)], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :P], layer.values.gather(2, index)], dim=2)
