@@ -11,11 +11,12 @@ permissions a plain ``open(path, "w")`` would (0666 minus the umask), so results
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_dir_mode", "default_file_mode", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
+__all__ = ["default_dir_mode", "default_file_mode", "move_files_into", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
 
 
 def default_file_mode() -> int:
@@ -67,3 +68,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> Path:
     """Write `records` as JSON lines to `path` atomically."""
     return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def move_files_into(staging: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Rename every file under `staging` to the same relative path under `target` (each rename atomic), then remove
+    `staging`. Both must be on one file system (put `staging` inside `target`). Files of `target` that `staging`
+    does not hold are left alone.
+
+    Returns:
+        `list[str]`: the relative paths moved, sorted.
+    """
+    staging, target = Path(staging), Path(target)
+    names = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
+    for name in names:
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, destination)
+    shutil.rmtree(staging, ignore_errors=True)
+    return names

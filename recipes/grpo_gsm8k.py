@@ -29,7 +29,9 @@ from trl.rewards import get_soft_overlong_punishment
 from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
+from lenvm_rl.io import write_json_atomic
 from lenvm_rl.rewards import gsm8k_accuracy_reward
+from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ def evaluate_policy(model, tokenizer, dataset, max_new_tokens: int, temperature:
     }
 
 
+class CheckpointedGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with checkpoints marked complete, so a restarted plain-GRPO row skips a half-written one."""
+
+
 def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model_args: ModelConfig):
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     train_dataset = load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
@@ -116,7 +122,7 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
                 results["before"] = _evaluate(model, tokenizer, eval_dataset, script_args, training_args)
             PartialState().wait_for_everyone()
 
-    trainer_class = LenVMGRPOTrainer if training_args.lenvm_model_name_or_path else GRPOTrainer
+    trainer_class = LenVMGRPOTrainer if training_args.lenvm_model_name_or_path else CheckpointedGRPOTrainer
     trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,
@@ -126,7 +132,9 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
         peft_config=get_peft_config(model_args),
     )
     start_time = time.perf_counter()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # A restarted run resumes from the last complete checkpoint of output_dir (incomplete ones are skipped).
+    checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start_time
     trainer.save_model(training_args.output_dir)
 
@@ -156,10 +164,7 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
             distributed_type=str(trainer.accelerator.distributed_type),
             last_log=last_logs[-1] if last_logs else {},
         )
-        path = os.path.join(training_args.output_dir, "results.json")
-        with open(f"{path}.tmp", "w") as file:  # atomic: an interrupted job never leaves a truncated file
-            json.dump(results, file, indent=2)
-        os.replace(f"{path}.tmp", path)
+        write_json_atomic(os.path.join(training_args.output_dir, "results.json"), results)
         logger.info("results: %s", json.dumps(results))
     trainer.accelerator.wait_for_everyone()
     return trainer, results

@@ -38,14 +38,15 @@ from accelerate import PartialState
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 from trl.models.utils import unwrap_model_for_generation
 
 from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
+from lenvm_rl.io import write_json_atomic
 from lenvm_rl.rewards import gsm8k_accuracy_reward, gsm8k_format_reward
+from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,8 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
         reward_funcs=reward_funcs,
     )
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is None:
+        checkpoint = last_complete_checkpoint(training_args.output_dir)  # incomplete checkpoints are skipped
     if checkpoint is not None:
         logger.info("Resuming from %s.", checkpoint)
     start_time = time.perf_counter()
@@ -250,9 +251,7 @@ def _read_json(path: str) -> dict:
 def _write_json(results: dict, path: str) -> None:
     """Atomic write: an interrupted job never leaves a truncated results.json behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.tmp", "w") as file:
-        json.dump(results, file, indent=2, default=str)
-    os.replace(f"{path}.tmp", path)
+    write_json_atomic(path, json.loads(json.dumps(results, default=str)))
 
 
 if __name__ == "__main__":

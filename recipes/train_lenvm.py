@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from lenvm_rl.rollouts import ROLLOUTS_CONFIG_NAME, load_rollouts
+from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
 from lenvm_rl.trainers.lenvm import LenVMConfig, LenVMTrainer
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ def main(script_args: TrainLenVMScriptArguments, training_args: LenVMConfig, mod
     model.generator_model = _generator_model(script_args.train_rollouts)
     model.data_description = script_args.data_description or f"rollouts from {script_args.train_rollouts}"
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # A restarted run resumes from the last complete checkpoint of output_dir (incomplete ones are skipped).
+    checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if eval_dataset is not None:
         metrics = trainer.evaluate()

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from ..core import gamma_for_length
 from ..modeling import VALUE_HEAD_NAME, LengthValueModel
 from ..targets import LenVMDataCollator, tokenize_rollouts
+from .checkpointing import CompleteCheckpointsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class LenVMConfig(TrainingArguments):
             raise ValueError(f"--gamma_percentile must be in (0, 100], got {self.gamma_percentile}")
 
 
-class LenVMTrainer(Trainer):
+class LenVMTrainer(CompleteCheckpointsMixin, Trainer):
     """Trains a [`LengthValueModel`] to regress the dense length returns of sampled completions.
 
     The loss is the token-averaged squared error over **all target tokens of the optimizer step**, gradient

@@ -42,6 +42,7 @@ from trl.models.utils import prepare_deepspeed
 from ..core import length_advantages
 from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
 from ..rl_math import check_finite, combine_advantages, rms_normalize_length_advantages, scheduled_length_coef
+from .checkpointing import CompleteCheckpointsMixin
 from .length_critic import LengthCriticConfigMixin, length_metrics, lenvm_state_values, load_length_critic
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class LenVMGRPOConfig(LengthCriticConfigMixin, GRPOConfig):
                 )
 
 
-class LenVMGRPOTrainer(GRPOTrainer):
+class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
     r"""
     GRPO with a frozen Length Value Model as a per-token length critic (method doc section 6), on TRL's
     [`~trl.GRPOTrainer`]; a drop-in replacement that takes the same arguments plus `lenvm`.

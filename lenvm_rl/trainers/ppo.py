@@ -10,6 +10,8 @@ import copy
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -35,6 +37,7 @@ from trl.trainer.utils import (
 )
 
 from ..core import compute_gae
+from ..io import move_files_into
 from ..modeling import freeze_model, position_ids_from_mask
 from ..rl_math import (
     check_finite,
@@ -45,6 +48,7 @@ from ..rl_math import (
     masked_whiten,
     truncate_after_stop_token,
 )
+from .checkpointing import CompleteCheckpointsMixin
 from .ppo_config import PPOConfig
 from .ppo_models import (
     VALUE_MODEL_DIR,
@@ -60,7 +64,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValueWrapper"]  # PPOConfig lives in ppo_config.py
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(CompleteCheckpointsMixin, Trainer):
     r"""
     PPO with a learned task critic for causal LMs (Schulman et al. 2017; Ziegler et al. 2019), built on
     `transformers.Trainer` (checkpointing, `report_to`, callbacks, mixed precision, DeepSpeed) and TRL's utilities.
@@ -706,22 +710,33 @@ class PPOTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`."""
+        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`.
+
+        Written into a hidden staging folder inside `output_dir` first, then renamed into place file by file, so a
+        process killed while saving never leaves a truncated weight file (a checkpoint folder is only used once
+        marked complete, see [`~lenvm_rl.trainers.checkpointing.CompleteCheckpointsMixin`]).
+        """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if state_dict is None:
             state_dict = wrapper.state_dict()
-        for name, module, folder in (
-            ("policy", wrapper.policy, output_dir),
-            ("value_model", wrapper.value_model, os.path.join(output_dir, VALUE_MODEL_DIR)),
-        ):
-            prefix = f"{name}."
-            module_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            module.save_pretrained(folder, state_dict=module_state)
-        self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+        try:
+            for name, module, folder in (
+                ("policy", wrapper.policy, staging),
+                ("value_model", wrapper.value_model, os.path.join(staging, VALUE_MODEL_DIR)),
+            ):
+                prefix = f"{name}."
+                module_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                module.save_pretrained(folder, state_dict=module_state)
+            self.processing_class.save_pretrained(staging)
+            torch.save(self.args, os.path.join(staging, "training_args.bin"))
+            move_files_into(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
