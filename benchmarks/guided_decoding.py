@@ -107,7 +107,7 @@ def replay_scoring(lenvm, input_ids, attention_mask, completions, top_k, strateg
                     candidates[t].reshape(B * top_k, 1),
                     attention_mask=expanded_mask,
                     position_ids=positions.repeat_interleave(top_k)[:, None],
-                    past_key_values=expanded,
+                    cache=expanded,
                     use_cache=True,
                 ).values.reshape(B, top_k)
             )

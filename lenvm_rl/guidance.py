@@ -150,7 +150,7 @@ class GuidedGeneration:
 def score_candidates(
     lenvm: LengthValueModel,
     candidate_ids: torch.Tensor,
-    past_key_values: DynamicCache,
+    cache: DynamicCache,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     stop_token_ids: torch.Tensor | None = None,
@@ -160,14 +160,14 @@ def score_candidates(
 
     All `k` candidates of a row sit at the row's next position; a 4D mask lets each attend to the prefix (its
     real tokens) and to itself, never to the other candidates. The forward appends the `k` candidate columns to
-    `past_key_values`; call [`~lenvm_rl.kv_cache.keep_chosen_candidates`] next to keep only the chosen one.
+    `cache`; call [`~lenvm_rl.kv_cache.keep_chosen_candidates`] next to keep only the chosen one.
 
     Args:
         lenvm ([`LengthValueModel`]):
             The LenVM.
         candidate_ids (`torch.Tensor`):
             `(B, k)` candidate token ids.
-        past_key_values (`transformers.DynamicCache`):
+        cache (`transformers.DynamicCache`):
             The LenVM's cache of the `(B, P)` prefix.
         attention_mask (`torch.Tensor`):
             `(B, P)` 1 on real prefix columns, 0 on padding.
@@ -187,7 +187,7 @@ def score_candidates(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=candidate_ids.device)
     mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)  # additive: works for eager and sdpa
     positions = position_ids[:, None].expand(B, k)  # (B, k) all candidates at the row's next position
-    values = forward_with_cache(lenvm, past_key_values, candidate_ids, mask, positions).values  # (B, k)
+    values = forward_with_cache(lenvm, cache, candidate_ids, mask, positions).values  # (B, k)
     return _force_stop_values(values, candidate_ids, stop_token_ids)
 
 

@@ -63,7 +63,7 @@ def forward_with_cache(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        cache=cache,  # transformers 5.24 renamed `past_key_values` (deprecated, removed in 5.40)
         use_cache=True,
         **kwargs,
     )

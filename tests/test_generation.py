@@ -6,6 +6,9 @@ from conftest import make_tiny_causal_lm
 
 from lenvm_rl.generation import generate_completions, sample_next_tokens
 
+# The decoding loops hand the KV cache over as `cache` (transformers >= 5.24): the deprecated keyword must not return.
+pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
+
 PROMPTS = [[{"role": "user", "content": " ".join(["how many apples"] * (i % 4 + 1)) + " ?"}] for i in range(7)]
 
 

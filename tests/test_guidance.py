@@ -26,7 +26,10 @@ from lenvm_rl.length_tokens import (
     top_length_tokens,
 )
 from lenvm_rl.metrics import length_deviation, length_score, token_budget_curve
-from lenvm_rl.modeling import LengthValueModel
+from lenvm_rl.modeling import LengthValueModel, position_ids_from_mask
+
+# The decoding loops hand the KV cache over as `cache` (transformers >= 5.24): the deprecated keyword must not return.
+pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
 
 EOS = 1
 SMALL_VOCAB = 8  # every token is a candidate at top_k = 8, so the stop token always is one
@@ -58,11 +61,11 @@ def test_cached_scoring_equals_reencoding(arch):
     lenvm = make_lenvm(arch)
     input_ids, attention_mask = padded()
     cache = DynamicCache(config=lenvm.config)
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(attention_mask)
     candidates = torch.randint(2, 100, (3, 5), generator=torch.Generator().manual_seed(0))
     candidates[1, 2] = EOS
     with torch.no_grad():
-        lenvm(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        lenvm(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
         cached = score_candidates(lenvm, candidates, cache, attention_mask, attention_mask.sum(1), torch.tensor([EOS]))
         naive = score_candidates_by_reencoding(lenvm, input_ids, attention_mask, candidates, torch.tensor([EOS]))
     assert cached.dtype == naive.dtype == torch.float32
