@@ -107,13 +107,14 @@ class LengthValueModelOutput:
             positions are meaningless and must be masked by the caller.
         value_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
             The head output ``z_t`` before the sigmoid, float32.
-        past_key_values (`transformers.Cache`, *optional*):
-            The backbone's key/value cache, returned when the forward is called with ``use_cache=True``.
+        cache (`transformers.Cache`, *optional*):
+            The backbone's key/value cache, returned when the forward is called with ``use_cache=True``
+            (transformers' name since 5.24; ``past_key_values`` is deprecated there).
     """
 
     values: torch.FloatTensor | None = None
     value_logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
 
 
 class ValueHead(nn.Module):
@@ -349,7 +350,7 @@ class LengthValueModel(nn.Module):
             position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Explicit positions; override the padding-aware default.
             **kwargs:
-                Passed to the backbone (``past_key_values``, ``use_cache`` (default False), ...).
+                Passed to the backbone (``cache``, ``use_cache`` (default False), ...).
 
         Returns:
             [`LengthValueModelOutput`]: ``values`` and ``value_logits`` of shape `(batch_size, sequence_length)`,
@@ -365,7 +366,7 @@ class LengthValueModel(nn.Module):
         return LengthValueModelOutput(
             values=-torch.sigmoid(value_logits),  # (B, T)
             value_logits=value_logits,
-            past_key_values=outputs.past_key_values if kwargs["use_cache"] else None,
+            cache=outputs.cache if kwargs["use_cache"] else None,
         )
 
     @torch.no_grad()

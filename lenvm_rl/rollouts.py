@@ -4,33 +4,38 @@ Layout of a rollout directory::
 
     rollouts/
       rollouts_config.json               sampling parameters, generator model, seed (a resume must match them)
+      rollouts_layout.json               what decides which records exist: prompt set, chunk size, processes, model
       shard-00000-of-00002/chunk-000000.jsonl   process 0's records, one chunk of prompts per file
       shard-00001-of-00002/chunk-000000.jsonl   process 1's records
 
 A chunk file holds every completion of its prompts and appears in one ``os.replace``: a crash loses at most
 the chunk in flight and never leaves a partial file, and a re-run skips the chunks already on disk, so
-interrupting and re-running gives exactly the records of an uninterrupted run (same seeds per chunk).
+interrupting and re-running gives exactly the records of an uninterrupted run (same seeds per chunk). A resume
+that would change which prompt lands in which chunk file (another prompt set, chunk size or number of processes) or
+which policy samples is refused with an error naming the field: it would lose or duplicate records silently.
 ``load_rollouts(dir)`` reads everything back as one `datasets.Dataset`.
 """
 
+import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .generation import generate_completions
+from .io import write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROLLOUTS_CONFIG_NAME", "SamplingConfig", "load_rollouts", "sample_rollouts"]
+__all__ = ["ROLLOUTS_CONFIG_NAME", "ROLLOUTS_LAYOUT_NAME", "SamplingConfig", "load_rollouts", "sample_rollouts"]
 
 ROLLOUTS_CONFIG_NAME = "rollouts_config.json"
+ROLLOUTS_LAYOUT_NAME = "rollouts_layout.json"
 
 
 @dataclass
@@ -92,6 +97,14 @@ def sample_rollouts(
             raise ValueError(f"sample_rollouts needs a {column!r} column; the dataset has {prompts.column_names}.")
     output_dir = Path(output_dir)
     _write_or_check_config(output_dir, sampling, process_index)
+    layout = {
+        "num_prompts": len(prompts),
+        "prompts_sha256": _prompts_fingerprint(prompts),
+        "chunk_size": chunk_size,
+        "num_processes": num_processes,
+        "model_sha256": _model_fingerprint(model),
+    }
+    _write_or_check_layout(output_dir, layout, process_index)
     shard_dir = output_dir / f"shard-{process_index:05d}-of-{num_processes:05d}"
     shard_dir.mkdir(parents=True, exist_ok=True)
 
@@ -141,7 +154,7 @@ def sample_rollouts(
                 }
             )
             tokens += len(completion.completion_ids)
-        _write_jsonl_atomic(shard_dir / f"chunk-{k:06d}.jsonl", records)
+        write_jsonl_atomic(shard_dir / f"chunk-{k:06d}.jsonl", records)
         progress.update(len(records))
         progress.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.0f}")
     progress.close()
@@ -149,12 +162,46 @@ def sample_rollouts(
 
 
 def load_rollouts(path: str | os.PathLike) -> Dataset:
-    """Load every record of a rollout directory (all shards and chunks) as one `datasets.Dataset`."""
+    """Load every record of a rollout directory (all shards and chunks), or one jsonl file, as one `datasets.Dataset`.
+
+    Every line must be a JSON object: an empty chunk file, a truncated line or a record that appears twice (the same
+    `prompt_id` and `sample_index`, e.g. shards of two different process counts) is an error naming the file, the line
+    and the fix.
+    """
     path = Path(path)
-    files = sorted(str(f) for f in path.glob("shard-*/chunk-*.jsonl")) if path.is_dir() else [str(path)]
+    files = sorted(path.glob("shard-*/chunk-*.jsonl")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"No rollout files under {path} (expected shard-*/chunk-*.jsonl).")
-    return load_dataset("json", data_files=files, split="train")
+    records, seen = [], {}
+    for file in files:
+        lines = file.read_text().splitlines()
+        if not any(line.strip() for line in lines):
+            raise ValueError(
+                f"{file} is empty: a rollout chunk always holds records. Delete it and resume the sampling."
+            )
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(
+                    f"{file}, line {number}: not a JSON record ({error}); the file is truncated or corrupt. Delete the "
+                    "file and resume the sampling (chunks are rewritten whole)."
+                ) from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{file}, line {number}: a record must be a JSON object, got {type(record).__name__}."
+                )
+            key = (record.get("prompt_id"), record.get("sample_index"))
+            if key != (None, None) and key in seen:
+                raise ValueError(
+                    f"{file}, line {number}: record {key} (prompt_id, sample_index) also appears in {seen[key]}: "
+                    "shards of different runs are mixed in this directory. Keep one run's shards."
+                )
+            seen[key] = f"{file}, line {number}"
+            records.append(record)
+    return Dataset.from_list(records)
 
 
 def _write_or_check_config(output_dir: Path, sampling: SamplingConfig, process_index: int) -> None:
@@ -170,21 +217,58 @@ def _write_or_check_config(output_dir: Path, sampling: SamplingConfig, process_i
         return
     if process_index == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(config_path, json.dumps(asdict(sampling), indent=2) + "\n")
+        write_json_atomic(config_path, asdict(sampling))
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    _write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+_LAYOUT_FIXES = {
+    "num_prompts": "sample the same prompts (e.g. the same --num_prompts / split)",
+    "prompts_sha256": "sample the same prompts in the same order (the same dataset, split and selection)",
+    "chunk_size": "pass the stored --chunk_size",
+    "num_processes": "launch the stored number of processes",
+    "model_sha256": "sample with the same policy weights",
+}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_or_check_layout(output_dir: Path, layout: dict, process_index: int) -> None:
+    """Refuse a resume that would change which records exist (chunk k of shard r holds fixed prompts)."""
+    path = output_dir / ROLLOUTS_LAYOUT_NAME
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = {key: (stored.get(key), value) for key, value in layout.items() if stored.get(key) != value}
+        if changed:
+            fixes = "; ".join(_LAYOUT_FIXES[key] for key in changed)
+            raise ValueError(
+                f"{output_dir} was sampled with a different {', '.join(changed)} {changed} (stored, requested): "
+                f"resuming would lose or duplicate records. {fixes}, or use a new output directory."
+            )
+        return
+    if any(output_dir.glob("shard-*/chunk-*.jsonl")):
+        logger.warning(
+            "%s has rollouts but no %s (written by an older lenvm-rl): the prompt set, chunk size, process count "
+            "and model of this resume cannot be checked against them.",
+            output_dir,
+            ROLLOUTS_LAYOUT_NAME,
+        )
+    if process_index == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, layout)
+
+
+def _prompts_fingerprint(prompts: Dataset) -> str:
+    """sha256 of the prompt ids and prompts, in order."""
+    digest = hashlib.sha256()
+    for prompt_id, prompt in zip(prompts["prompt_id"], prompts["prompt"]):
+        digest.update(json.dumps([prompt_id, prompt], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _model_fingerprint(model) -> str:
+    """sha256 of the policy's parameters (names, shapes, values): another checkpoint at the same path is detected."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

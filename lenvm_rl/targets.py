@@ -14,6 +14,8 @@ Two facts the reference implementation gets wrong are handled here:
 """
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +72,21 @@ def tokenize_rollouts(
             "to leave room for at least one completion token."
         )
 
-    def encode(record):
-        terminated = record["finish_reason"] == "stop"
+    vocab_size = len(tokenizer) if tokenizer is not None else None
+    eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
+
+    def encode(record, index):
+        where = f"rollout record {index} (prompt_id {record.get('prompt_id')!r})"
+        finish_reason = record.get("finish_reason")
+        if finish_reason not in ("stop", "length"):
+            raise ValueError(
+                f"{where}: finish_reason must be 'stop' (ended with its stop token) or 'length' (cut at the sampling "
+                f"cap), got {finish_reason!r}. Fix the record, or re-sample it with recipes/sample_rollouts.py."
+            )
+        terminated = finish_reason == "stop"
         if reuse_token_ids:
-            prompt_ids = list(record["prompt_ids"])
-            completion_ids = list(record["completion_ids"])
+            prompt_ids = _check_token_ids(record.get("prompt_ids"), "prompt_ids", where, vocab_size)
+            completion_ids = _check_token_ids(record.get("completion_ids"), "completion_ids", where, vocab_size)
         else:
             prompt = record["prompt"]
             if isinstance(prompt, list):
@@ -87,8 +99,12 @@ def tokenize_rollouts(
             if terminated:
                 completion_ids = completion_ids + [tokenizer.eos_token_id]
         completion_length = len(completion_ids)
-        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[-max_prompt_length:]
+        stop_without_eos = terminated and eos_token_id is not None and completion_ids[-1:] != [eos_token_id]
+        prompt_budget = max_prompt_length if max_prompt_length is not None else None
+        if max_length is not None:  # leave room for at least one completion token in the window
+            prompt_budget = min(prompt_budget or max_length - 1, max_length - 1)
+        if prompt_budget is not None and len(prompt_ids) > prompt_budget:
+            prompt_ids = prompt_ids[-prompt_budget:]
         if max_length is not None:
             completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
         return {
@@ -97,26 +113,62 @@ def tokenize_rollouts(
             "completion_length": completion_length,
             "terminated": terminated,
             "_keep": completion_length > 0 and len(prompt_ids) > 0 and (terminated or include_truncated),
+            "_stop_without_eos": stop_without_eos,
         }
 
-    examples = dataset.map(encode, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing rollouts")
+    examples = dataset.map(
+        encode, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing rollouts"
+    )
     num_empty = sum(1 for n in examples["completion_length"] if n == 0)
     num_truncated = sum(1 for t in examples["terminated"] if not t)
-    kept = examples.filter(lambda keep: keep, input_columns="_keep", num_proc=num_proc).remove_columns("_keep")
-    logger.info(
-        "LenVM examples: %d kept of %d; %d cut at the sampling cap (%s), %d empty completions dropped.",
-        len(kept),
-        len(examples),
-        num_truncated,
-        "kept with bootstrapped targets" if include_truncated else "dropped: their true length is unknown",
-        num_empty,
+    num_stop_without_eos = sum(examples["_stop_without_eos"])
+    kept = examples.filter(lambda keep: keep, input_columns="_keep", num_proc=num_proc)
+    kept = kept.remove_columns(["_keep", "_stop_without_eos"])
+    summary = (
+        f"LenVM examples: {len(kept)} kept of {len(examples)}; {num_truncated} "
+        f"({num_truncated / max(len(examples), 1):.0%}) cut at the sampling cap ("
+        + ("kept with bootstrapped targets" if include_truncated else "dropped: their true length is unknown")
+        + f"), {num_empty} empty completions dropped."
     )
+    dropped = num_empty + (0 if include_truncated else num_truncated)
+    (logger.warning if dropped else logger.info)(summary)
+    if num_stop_without_eos:
+        logger.warning(
+            "%d of %d records are marked finish_reason='stop' but their completion_ids do not end with EOS (%d): they "
+            "are trained as finished. Check that the sampler recorded the stop token.",
+            num_stop_without_eos,
+            len(examples),
+            eos_token_id,
+        )
     if len(kept) == 0:
         raise ValueError(
             f"No LenVM training examples left out of {len(examples)} records: {num_truncated} were cut at the sampling "
             f"cap and {num_empty} were empty. Sample with a larger max_new_tokens or pass include_truncated=True."
         )
     return kept
+
+
+def _check_token_ids(ids, field: str, where: str, vocab_size: int | None) -> list[int]:
+    """A record's token ids as a list of ints, or a `ValueError` naming the record, the field and the fix."""
+    if ids is None or isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+        raise ValueError(
+            f"{where}: {field} is missing or not a list of token ids (got {type(ids).__name__}); re-sample the record "
+            "or pass reuse_token_ids=False to re-tokenise its text."
+        )
+    ids = list(ids)
+    for position, token_id in enumerate(ids):
+        bad = (
+            isinstance(token_id, bool)
+            or not isinstance(token_id, numbers.Integral)
+            and not (isinstance(token_id, float) and math.isfinite(token_id) and token_id.is_integer())
+        )
+        if bad or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+            limit = f" in [0, {vocab_size})" if vocab_size is not None else " >= 0"
+            raise ValueError(
+                f"{where}: {field}[{position}] is {token_id!r}, not a token id{limit}. The record is corrupt or was "
+                "sampled with another tokenizer; re-sample it."
+            )
+    return [int(token_id) for token_id in ids]
 
 
 @dataclass

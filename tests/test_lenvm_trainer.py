@@ -55,7 +55,8 @@ def test_tokenize_rollouts_drops_and_counts_truncated(caplog):
         examples = tokenize_rollouts(records)
     assert len(examples) == 6
     assert all(examples["terminated"])
-    assert "4 cut at the sampling cap" in caplog.text
+    # Dropping data is worth a warning, with the fraction (a user sees how much of the sampling was lost).
+    assert any(r.levelno == logging.WARNING and "4 (40%) cut at the sampling cap" in r.message for r in caplog.records)
     kept = tokenize_rollouts(records, include_truncated=True)
     assert len(kept) == 10 and sum(not t for t in kept["terminated"]) == 4
 
@@ -279,3 +280,50 @@ def _saved_backbone(tmp_path):
         make_tiny_causal_lm("llama", seed=2).save_pretrained(path)
         make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- malformed records
+
+
+def record(**overrides):
+    return {
+        "prompt_id": "p0",
+        "prompt_ids": [10, 11],
+        "completion_ids": [40, 41, EOS],
+        "finish_reason": "stop",
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(completion_ids=[40, 5.7, EOS]), r"completion_ids\[1\] is 5.7, not a token id in \[0, "),
+        (dict(completion_ids=[40, -1, EOS]), r"completion_ids\[1\] is -1"),
+        (dict(completion_ids=[40, 10_000, EOS]), r"completion_ids\[1\] is 10000"),
+        (dict(completion_ids=[40, float("nan"), EOS]), r"completion_ids\[1\] is nan"),
+        (dict(completion_ids=None), r"completion_ids is missing or not a list"),
+        (dict(prompt_ids=None), r"prompt_ids is missing or not a list"),
+        (dict(finish_reason="STOP"), r"finish_reason must be 'stop' .* got 'STOP'"),
+        (dict(finish_reason=None), r"finish_reason must be 'stop' .* got None"),
+    ],
+)
+def test_malformed_records_name_the_record_and_field(overrides, message):
+    records = Dataset.from_list([record(prompt_id="p1"), record(prompt_id="p2")])
+    records = Dataset.from_list([record(prompt_id="p1"), {**record(prompt_id="p2"), **overrides}])
+    with pytest.raises(ValueError, match=rf"rollout record 1 \(prompt_id 'p2'\): {message}"):
+        tokenize_rollouts(records, tokenizer=make_tiny_tokenizer())
+
+
+def test_stop_without_eos_warns(caplog):
+    records = Dataset.from_list([record(), record(completion_ids=[40, 41])])
+    with caplog.at_level(logging.WARNING, logger="lenvm_rl.targets"):
+        tokenize_rollouts(records, tokenizer=make_tiny_tokenizer())
+    assert "1 of 2 records are marked finish_reason='stop' but their completion_ids do not end with EOS" in caplog.text
+
+
+def test_max_length_holds_without_max_prompt_length():
+    records = Dataset.from_list([record(prompt_ids=list(range(10, 30)))])
+    example = tokenize_rollouts(records, max_length=8)[0]
+    assert len(example["input_ids"]) == 8 and example["input_ids"][:7] == list(range(23, 30))
+    assert example["completion_length"] == 3  # the true length still sets the targets

@@ -122,3 +122,72 @@ def test_sample_rollouts_recipe(tmp_path, policy):
     assert len(records) == 6
     assert records[0]["prompt"] == [{"role": "user", "content": "how many apples ? 0"}]
     assert sorted(set(records["prompt_id"])) == ["train-0", "train-1", "train-2"]
+
+
+# ---------------------------------------------------------------------------------------------- resumes that would
+# lose or duplicate records are refused
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(chunk_size=3), "chunk_size"),
+        (dict(prompts=prompts(7)), "num_prompts"),
+        (dict(prompts=prompts(5).map(lambda row: {"prompt_id": row["prompt_id"] + "x"})), "prompts_sha256"),
+        (dict(num_processes=2), "num_processes"),
+    ],
+)
+def test_resume_that_changes_which_records_exist_is_refused(tmp_path, policy, change, field):
+    model, tokenizer = policy
+    sample_rollouts(model, tokenizer, prompts(), tmp_path, SAMPLING, batch_size=4, chunk_size=2)
+    before = read_chunks(tmp_path)
+    kwargs = {"prompts": prompts(), "batch_size": 4, "chunk_size": 2, **change}
+    with pytest.raises(ValueError, match=rf"different {field}.*lose or duplicate records"):
+        sample_rollouts(model, tokenizer, kwargs.pop("prompts"), tmp_path, SAMPLING, **kwargs)
+    assert read_chunks(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_resume_with_other_policy_weights_is_refused(tmp_path, policy):
+    model, tokenizer = policy
+    sample_rollouts(model, tokenizer, prompts(2), tmp_path, SAMPLING, batch_size=4)
+    other = make_tiny_causal_lm("llama", seed=6)
+    with pytest.raises(ValueError, match="model_sha256"):
+        sample_rollouts(other, tokenizer, prompts(2), tmp_path, SAMPLING, batch_size=4)
+
+
+def test_broken_chunk_files_are_named(tmp_path, policy):
+    model, tokenizer = policy
+    sample_rollouts(model, tokenizer, prompts(4), tmp_path, SAMPLING, batch_size=4, chunk_size=2)
+    chunk = next(tmp_path.glob("shard-*/chunk-000001.jsonl"))
+    text = chunk.read_text()
+    chunk.write_text(text[: len(text) - 20])  # a truncated last line
+    with pytest.raises(ValueError, match=r"chunk-000001.jsonl, line 6: not a JSON record"):
+        load_rollouts(tmp_path)
+    chunk.write_text("")
+    with pytest.raises(ValueError, match=r"chunk-000001.jsonl is empty"):
+        load_rollouts(tmp_path)
+
+
+def test_records_of_two_runs_in_one_directory_are_refused(tmp_path, policy):
+    model, tokenizer = policy
+    sample_rollouts(model, tokenizer, prompts(2), tmp_path / "a", SAMPLING, batch_size=4)
+    shard = next((tmp_path / "a").glob("shard-*"))
+    copy = shard.parent / "shard-00000-of-00002"
+    copy.mkdir()
+    (copy / "chunk-000000.jsonl").write_text((shard / "chunk-000000.jsonl").read_text())
+    with pytest.raises(ValueError, match=r"also appears in .*mixed"):
+        load_rollouts(tmp_path / "a")
+
+
+def test_rollout_files_follow_the_umask(tmp_path, policy):
+    import os
+    import stat
+
+    model, tokenizer = policy
+    old = os.umask(0o022)
+    try:
+        sample_rollouts(model, tokenizer, prompts(2), tmp_path, SAMPLING, batch_size=4)
+    finally:
+        os.umask(old)
+    chunk = next(tmp_path.glob("shard-*/chunk-*.jsonl"))
+    assert stat.S_IMODE(chunk.stat().st_mode) == 0o644
