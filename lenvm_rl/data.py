@@ -6,14 +6,12 @@ tokenizer's chat template. The other columns are kept, so `answer` reaches rewar
 [`~lenvm_rl.rewards.gsm8k_accuracy_reward`].
 """
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
-    "GSM8KScriptArguments",
     "load_gsm8k",
     "make_conversational_prompt",
     "prepare_prompt_dataset",
@@ -158,36 +156,3 @@ def prepare_prompt_dataset(
     return dataset.map(
         lambda example: {"prompt": make_conversational_prompt(example["question"], system_prompt, instruction)}
     )
-
-
-@dataclass
-class GSM8KScriptArguments:
-    """
-    The data arguments shared by the RL recipes (`recipes/ppo_gsm8k.py`, `recipes/grpo_gsm8k.py`): where the
-    GSM8K-format problems come from and how they become chat prompts ([`load_gsm8k`], [`prepare_prompt_dataset`]).
-
-    Parameters:
-        dataset_name (`str`): Hub id or local path of GSM8K-format data (question, answer).
-        dataset_config (`str`): Hub configuration (main or socratic).
-        dataset_train_split (`str`): Split to train on.
-        dataset_test_split (`str`): Split of the held-out evaluation problems.
-        system_prompt (`str` or `None`): Content of a leading system message.
-        instruction (`str` or `None`): Text appended to each question (null for the demo world).
-        max_train_samples (`int` or `None`): Train on the first N problems only.
-    """
-
-    dataset_name: str = field(
-        default="openai/gsm8k",
-        metadata={
-            "help": "Hub id or local path of GSM8K-format data (question, answer), e.g. outputs/demo/world/data."
-        },
-    )
-    dataset_config: str = field(default="main", metadata={"help": "Hub configuration (main or socratic)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split of the held-out evaluation problems."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Content of a leading system message."})
-    instruction: str | None = field(
-        default=DEFAULT_INSTRUCTION,
-        metadata={"help": "Text appended to each question (null for the demo world, whose policy saw none)."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N problems only."})

@@ -21,48 +21,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from trl import TrlParser
 
+from lenvm_rl.configs import AblationArguments
+
 RECIPES = {"ppo": Path(__file__).with_name("ppo_gsm8k.py"), "grpo": Path(__file__).with_name("grpo_gsm8k.py")}
-
-
-@dataclass
-class AblationArguments:
-    """Arguments of `recipes/ablate_length.py`; a grid left empty drops its rows."""
-
-    base_config: str = field(
-        metadata={"help": "YAML of the recipe every row starts from (with a LenVM and num_eval_problems > 0)."}
-    )
-    output_dir: str = field(metadata={"help": "Where each run's directory, ablation.json/.md/.png go."})
-    trainer: str = field(default="ppo", metadata={"help": "`ppo` (recipes/ppo_gsm8k.py) or `grpo` (grpo_gsm8k.py)."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of every row."})
-    penalty_coefs: list[float] = field(
-        default_factory=lambda: [0.003, 0.01],
-        metadata={"help": "alpha grid of the sequence-level penalty `score - alpha * tokens`."},
-    )
-    advantage_coefs: list[float] = field(
-        default_factory=lambda: [0.3, 1.0, 3.0],
-        metadata={"help": "s grid of the LenVM advantage `A_task + s * A_len`."},
-    )
-    shaping_coefs: list[float] = field(
-        default_factory=lambda: [1.0], metadata={"help": "beta grid of LenVM potential shaping (PPO only)."}
-    )
-    overlong_cache: int | None = field(
-        default=128, metadata={"help": "GRPO only: a row with TRL's soft overlong punishment over this many tokens."}
-    )
-    max_steps: int | None = field(default=None, metadata={"help": "Overrides max_steps in every run."})
-    num_parallel: int = field(default=2, metadata={"help": "Runs at once (one CPU thread each)."})
-
-    def __post_init__(self):
-        if self.trainer not in RECIPES:
-            raise ValueError(f"`trainer` must be one of {sorted(RECIPES)}, got {self.trainer!r}.")
-        if not self.seeds:
-            raise ValueError("`seeds` must not be empty.")
-        if self.num_parallel < 1:
-            raise ValueError("`num_parallel` must be at least 1.")
 
 
 def ablation_rows(args: AblationArguments) -> dict[str, list[str]]:

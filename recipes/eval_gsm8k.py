@@ -15,97 +15,19 @@ the budget curve and, with `save_completion_stats`, the per-completion lengths a
 """
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from lenvm_rl.data import DEFAULT_INSTRUCTION
+from lenvm_rl.configs import EvalGSM8KArguments
 from lenvm_rl.evaluation import evaluate_gsm8k, format_tradeoff_table, load_eval_problems, write_tradeoff_results
 from lenvm_rl.io import write_json_atomic
 from lenvm_rl.metrics import token_budget_curve
 
 RESULTS_NAME = "eval_gsm8k"  # eval_gsm8k.json and eval_gsm8k.png
-
-
-@dataclass
-class EvalGSM8KArguments:
-    """Arguments of `recipes/eval_gsm8k.py`.
-
-    Parameters:
-        model_name_or_path (`list[str]`): Checkpoints to evaluate (model directories, hub ids or adapter directories).
-        output_dir (`str`): Where `eval_gsm8k.json` and `eval_gsm8k.png` go.
-        labels (`list[str]` or `None`): One label per checkpoint; default the checkpoint paths.
-        dataset_name (`str`): Hub id or local path of GSM8K-format data (question, answer).
-        dataset_config (`str`): Hub configuration (main or socratic).
-        dataset_split (`str`): Split of the evaluated problems.
-        num_problems (`int` or `None`): Evaluate the first N problems; `None` for all.
-        system_prompt (`str` or `None`): Content of a leading system message.
-        instruction (`str` or `None`): Text appended to each question (null for the demo world).
-        num_samples (`int`): Completions per problem.
-        temperature (`float`): Sampling temperature (0 is greedy).
-        top_p (`float`): Nucleus sampling threshold.
-        top_k (`int`): Top-k filtering (0 disables it).
-        max_new_tokens (`int`): Length cap.
-        budgets (`list[int]` or `None`): Token budgets of the hard-budget curves; default every 8 tokens up to the
-            longest completion of each checkpoint.
-        batch_size (`int`): Rows decoded together.
-        seed (`int`): Sampling seed (the same for every checkpoint).
-        dtype (`str`): Weights dtype of the loaded checkpoints (`float32`, `bfloat16`, `auto`).
-        save_completion_stats (`bool`): Keep each run's per-completion `lengths` and `correct` lists in the JSON.
-        num_threads (`int` or `None`): `torch.set_num_threads`; `None` keeps torch's default.
-        summary_file (`str` or `None`): Also write `{label: {accuracy, mean_tokens, median_tokens, p90_tokens,
-            p99_tokens, fraction_truncated}}` to this JSON file (the demo's `outputs/demo/results.json`).
-    """
-
-    model_name_or_path: list[str] = field(
-        metadata={"help": "Checkpoints to evaluate (model directories, hub ids or adapter directories)."}
-    )
-    output_dir: str = field(metadata={"help": "Where eval_gsm8k.json and eval_gsm8k.png go."})
-    labels: list[str] | None = field(
-        default=None, metadata={"help": "One label per checkpoint; default the checkpoint paths."}
-    )
-    dataset_name: str = field(
-        default="openai/gsm8k",
-        metadata={"help": "Hub id or local path of GSM8K-format data, e.g. outputs/demo/world/data."},
-    )
-    dataset_config: str = field(default="main", metadata={"help": "Hub configuration (main or socratic)."})
-    dataset_split: str = field(default="test", metadata={"help": "Split of the evaluated problems."})
-    num_problems: int | None = field(default=None, metadata={"help": "Evaluate the first N problems (None: all)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Content of a leading system message."})
-    instruction: str | None = field(
-        default=DEFAULT_INSTRUCTION,
-        metadata={"help": "Text appended to each question (null for the demo world, whose policy saw none)."},
-    )
-    num_samples: int = field(default=1, metadata={"help": "Completions per problem."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 is greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 disables it)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Length cap."})
-    budgets: list[int] | None = field(
-        default=None, metadata={"help": "Token budgets of the hard-budget curves (default: every 8 tokens)."}
-    )
-    batch_size: int = field(default=32, metadata={"help": "Rows decoded together."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every checkpoint)."})
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or auto."})
-    save_completion_stats: bool = field(
-        default=True, metadata={"help": "Keep per-completion lengths and correctness in the JSON."}
-    )
-    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (None: torch's default)."})
-    summary_file: str | None = field(
-        default=None, metadata={"help": "Also write {label: accuracy and token statistics} to this JSON file."}
-    )
-
-    def __post_init__(self):
-        if isinstance(self.model_name_or_path, str):
-            self.model_name_or_path = [self.model_name_or_path]
-        if self.labels is not None and len(self.labels) != len(self.model_name_or_path):
-            raise ValueError(
-                f"--labels has {len(self.labels)} entries for {len(self.model_name_or_path)} checkpoints: give one "
-                "label per --model_name_or_path, or none."
-            )
 
 
 def load_policy(name_or_path: str, dtype: str = "float32"):

@@ -17,49 +17,19 @@ scored with the LIFEBench Length Score and Length Deviation (`lenvm_rl.metrics.l
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from trl import TrlParser
 
-from lenvm_rl.configs import GuidedEvalArguments
+from lenvm_rl.configs import EvalLengthControlArguments
 from lenvm_rl.evaluation import load_guided_eval, write_results
 from lenvm_rl.guidance import guided_generate_completions
 from lenvm_rl.metrics import length_deviation, length_score
 from lenvm_rl.rewards import extract_gsm8k_answer
 
-CONSTRAINTS = ("equal_to", "at_most", "at_least")
 RESULTS_NAME = "length_control"  # length_control.json and length_control.png
-
-
-@dataclass
-class EvalLengthControlArguments(GuidedEvalArguments):
-    """Arguments of `recipes/eval_length_control.py`.
-
-    Parameters:
-        > The arguments of [`~lenvm_rl.configs.GuidedEvalArguments`], then:
-
-        target_lengths (`list[int]`): Target lengths `T` in tokens, stop token included.
-        constraints (`list[str]`): Any of equal_to, at_most, at_least.
-    """
-
-    target_lengths: list[int] = field(
-        default_factory=lambda: [16, 32, 64, 128, 256], metadata={"help": "Target lengths in tokens (EOS included)."}
-    )
-    constraints: list[str] = field(
-        default_factory=lambda: list(CONSTRAINTS), metadata={"help": "Any of equal_to, at_most, at_least."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        unknown = set(self.constraints) - set(CONSTRAINTS)
-        if unknown:
-            raise ValueError(f"--constraints must be among {CONSTRAINTS}, got {sorted(unknown)}")
-        if not self.target_lengths or min(self.target_lengths) < 1:
-            raise ValueError("--target_lengths must be positive token counts")
-        if max(self.target_lengths) >= self.max_new_tokens:
-            raise ValueError("--max_new_tokens must exceed the largest target length (At Least needs room)")
 
 
 def summarize(tokenizer, completions, finish_reasons, golds, targets, constraint) -> dict:

@@ -15,13 +15,14 @@ and `eval_length_prediction.png` to `output_dir`, and prints a table. Completion
 left out of the ground truth (their true length is unknown) and counted.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import load_dataset
 from trl import TrlParser
 
+from lenvm_rl.configs import EvalLengthPredictionArguments
 from lenvm_rl.evaluation import (
     evaluate_length_prediction,
     format_length_prediction_table,
@@ -32,46 +33,6 @@ from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.rollouts import load_rollouts
 
 RESULTS_NAME = "eval_length_prediction"  # eval_length_prediction.json and eval_length_prediction.png
-
-
-@dataclass
-class EvalLengthPredictionArguments:
-    """Arguments of `recipes/eval_length_prediction.py`.
-
-    Parameters:
-        lenvm_path (`str`): Saved LenVM directory (ours or the reference format).
-        eval_rollouts (`str`): Held-out rollouts: a rollout directory, a jsonl file or a glob of jsonl files.
-        output_dir (`str`): Where the JSON and the PNG are written.
-        train_rollouts (`str` or `None`): Training rollouts (same forms) to fit the baselines on.
-        gamma (`float` or `None`): The LenVM's discount; required for reference checkpoints, which do not store it.
-        batch_size (`int`): Sequences per LenVM forward.
-        max_prompt_length (`int` or `None`): Prompts longer than this are truncated from the left.
-        max_length (`int` or `None`): Window of prompt + completion tokens; later states are not scored.
-    """
-
-    lenvm_path: str = field(metadata={"help": "Saved LenVM directory (ours or the reference format)."})
-    eval_rollouts: str = field(
-        metadata={"help": "Held-out rollouts: a rollout directory, a jsonl file or a glob of jsonl files."}
-    )
-    output_dir: str = field(metadata={"help": "Where the JSON and the PNG are written."})
-    train_rollouts: str | None = field(
-        default=None, metadata={"help": "Training rollouts (same forms) to fit the baselines on."}
-    )
-    gamma: float | None = field(
-        default=None,
-        metadata={"help": "The LenVM's discount; required for reference checkpoints, which do not store it."},
-    )
-    batch_size: int = field(default=16, metadata={"help": "Sequences per LenVM forward."})
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Prompts longer than this are truncated from the left."}
-    )
-    max_length: int | None = field(
-        default=None, metadata={"help": "Window of prompt + completion tokens; later states are not scored."}
-    )
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
 
 
 def main(script_args: EvalLengthPredictionArguments) -> dict:

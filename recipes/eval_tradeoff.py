@@ -13,48 +13,19 @@ beta, joined as the "LenVM tilt" series, the `beta = 0` run carrying the budget 
 matched tokens. Here a completion is correct only if it also stopped with EOS before the cap.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from trl import TrlParser
 
-from lenvm_rl.configs import GuidedEvalArguments
+from lenvm_rl.configs import EvalTradeoffArguments
 from lenvm_rl.evaluation import accuracy_length_stats, load_guided_eval, write_tradeoff_results
 from lenvm_rl.guidance import guided_generate_completions
 from lenvm_rl.metrics import token_budget_curve
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png
-
-
-@dataclass
-class EvalTradeoffArguments(GuidedEvalArguments):
-    """Arguments of `recipes/eval_tradeoff.py`.
-
-    Parameters:
-        > The arguments of [`~lenvm_rl.configs.GuidedEvalArguments`], then:
-
-        num_problems (`int`): Problems evaluated.
-        num_samples (`int`): Completions per problem and beta.
-        betas (`list[float]`): Tilt strengths; 0 must be included (the budget baseline uses it).
-        budgets (`list[int]` or `None`): Token budgets of the baseline; default every 8 tokens up to the longest.
-    """
-
-    num_problems: int = field(default=200, metadata={"help": "Problems evaluated."})
-    num_samples: int = field(default=1, metadata={"help": "Completions per problem and beta."})
-    betas: list[float] = field(
-        default_factory=lambda: [0.0, -2.0, -5.0, -10.0, -20.0, -50.0],
-        metadata={"help": "Tilt strengths; must include 0 (the budget baseline cuts its completions)."},
-    )
-    budgets: list[int] | None = field(
-        default=None, metadata={"help": "Token budgets of the baseline; default every 8 tokens up to the longest."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if 0.0 not in self.betas:
-            raise ValueError("--betas must include 0.0: the token-budget baseline cuts the untilted completions")
 
 
 def main(script_args: EvalTradeoffArguments) -> dict:

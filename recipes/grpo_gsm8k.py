@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,7 +25,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl.rewards import get_soft_overlong_punishment
 
-from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.configs import GRPOScriptArguments
+from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.io import write_json_atomic
@@ -35,23 +35,6 @@ from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_compl
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GRPOScriptArguments(GSM8KScriptArguments):
-    """Data, baseline and evaluation arguments of `recipes/grpo_gsm8k.py`."""
-
-    length_penalty_coef: float = field(
-        default=0.0, metadata={"help": "Baseline: add the sequence-level reward -alpha * completion tokens."}
-    )
-    soft_overlong_cache: int | None = field(
-        default=None,
-        metadata={"help": "Baseline: add TRL's soft overlong punishment over the last N tokens before the cap."},
-    )
-    num_eval_problems: int = field(
-        default=0, metadata={"help": "Held-out problems sampled before and after training for results.json (0: skip)."}
-    )
-    eval_batch_size: int = field(default=64, metadata={"help": "Rows decoded together in the evaluation."})
 
 
 def length_penalty_reward(coef: float):

@@ -13,7 +13,7 @@ counts per token how often ``delta < -threshold`` (lengthens the predicted conti
 
 import csv
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
+from lenvm_rl.configs import LengthTokensArguments
 from lenvm_rl.io import write_json_atomic, write_text_atomic
 from lenvm_rl.length_tokens import (
     completion_td_residuals,
@@ -31,39 +32,6 @@ from lenvm_rl.length_tokens import (
 )
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.rollouts import load_rollouts
-
-
-@dataclass
-class LengthTokensArguments:
-    """Arguments of `recipes/length_tokens.py`.
-
-    Parameters:
-        lenvm_path (`str`): Saved LenVM directory (with its tokenizer unless `tokenizer_path` is given).
-        rollouts (`str`): Rollout directory or jsonl file of records.
-        output_dir (`str`): Where the table, plot and HTML go.
-        tokenizer_path (`str` or `None`): Tokenizer directory; defaults to `lenvm_path`.
-        threshold (`float` or `None`): |delta| that counts; default 0.01 * (1 - gamma) / (1 - 0.997).
-        max_completions (`int`): Completions analysed (the first ones).
-        top_n (`int`): Tokens listed per direction.
-        min_count (`int`): Tokens seen fewer times are not ranked.
-        html_index (`int`): Which analysed completion the HTML page shows.
-        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
-        batch_size (`int`): Sequences per LenVM forward.
-    """
-
-    lenvm_path: str = field(metadata={"help": "Saved LenVM directory (with its tokenizer)."})
-    rollouts: str = field(metadata={"help": "Rollout directory or jsonl file of records."})
-    output_dir: str = field(metadata={"help": "Where the table, plot and HTML go."})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer directory; default lenvm_path."})
-    threshold: float | None = field(
-        default=None, metadata={"help": "|delta| that counts; default 0.01 * (1 - gamma) / (1 - 0.997)."}
-    )
-    max_completions: int = field(default=512, metadata={"help": "Completions analysed (the first ones)."})
-    top_n: int = field(default=20, metadata={"help": "Tokens listed per direction."})
-    min_count: int = field(default=5, metadata={"help": "Tokens seen fewer times are not ranked."})
-    html_index: int = field(default=0, metadata={"help": "Which analysed completion the HTML page shows."})
-    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
-    batch_size: int = field(default=16, metadata={"help": "Sequences per LenVM forward."})
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from accelerate import PartialState
 from torch import nn
@@ -41,7 +41,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig, TrlParser, get_peft_config
 from trl.models.utils import unwrap_model_for_generation
 
-from lenvm_rl.data import GSM8KScriptArguments, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.configs import PPOScriptArguments
+from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.io import write_json_atomic
@@ -52,45 +53,6 @@ from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.json"
-
-
-@dataclass
-class PPOScriptArguments(GSM8KScriptArguments):
-    """Data, critic, reward and evaluation arguments of `recipes/ppo_gsm8k.py`.
-
-    Parameters:
-        > The data arguments of [`~lenvm_rl.data.GSM8KScriptArguments`], then:
-
-        value_model_name_or_path (`str` or `None`): Initial task critic (a sequence classifier with one label);
-            `None` builds it from the policy's backbone with a zero head.
-        format_reward_weight (`float`): Weight of the GSM8K format reward next to accuracy (weight 1); 0 leaves it out.
-        num_eval_problems (`int`): Held-out problems evaluated before and after training (0: no evaluation).
-        eval_num_samples (`int`): Completions per held-out problem.
-        eval_temperature (`float` or `None`): Evaluation temperature; `None` uses the training `temperature`.
-        eval_top_p (`float`): Evaluation nucleus threshold.
-        eval_max_new_tokens (`int` or `None`): Evaluation length cap; `None` uses `response_length`.
-        eval_batch_size (`int`): Rows decoded together in the evaluation.
-    """
-
-    value_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Initial task critic (sequence classifier, 1 label); None: the policy with a zero head."},
-    )
-    format_reward_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the GSM8K format reward next to accuracy (0: left out)."}
-    )
-    num_eval_problems: int = field(
-        default=200, metadata={"help": "Held-out problems evaluated before and after training (0: no evaluation)."}
-    )
-    eval_num_samples: int = field(default=1, metadata={"help": "Completions per held-out problem."})
-    eval_temperature: float | None = field(
-        default=None, metadata={"help": "Evaluation temperature (None: the training temperature)."}
-    )
-    eval_top_p: float = field(default=1.0, metadata={"help": "Evaluation nucleus threshold."})
-    eval_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Evaluation length cap (None: response_length)."}
-    )
-    eval_batch_size: int = field(default=64, metadata={"help": "Rows decoded together in the evaluation."})
 
 
 def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_args: ModelConfig) -> dict:

@@ -13,7 +13,6 @@ value, it sits at or below the mean length (paper section 1).
 """
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,47 +20,13 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
+from lenvm_rl.configs import PredictLengthArguments
 from lenvm_rl.data import make_conversational_prompt
 from lenvm_rl.evaluation import evaluate_length_prediction, format_length_prediction_table
 from lenvm_rl.generation import left_pad, tokenize_prompts
 from lenvm_rl.io import write_json_atomic, write_jsonl_atomic
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.rollouts import load_rollouts
-
-
-@dataclass
-class PredictLengthArguments:
-    """Arguments of `recipes/predict_length.py`.
-
-    Parameters:
-        lenvm_path (`str`): Saved LenVM directory (with its tokenizer unless `tokenizer_path` is given).
-        input_file (`str` or `None`): jsonl of prompts (`prompt` messages or `question`).
-        output_file (`str` or `None`): Where the predictions go (jsonl); printed only when unset.
-        eval_rollouts (`str` or `None`): Rollout directory or jsonl: evaluate instead of predicting.
-        train_rollouts (`str` or `None`): Training rollouts for the evaluation's baselines.
-        tokenizer_path (`str` or `None`): Tokenizer directory; defaults to `lenvm_path`.
-        system_prompt (`str` or `None`): System message for `question` lines.
-        instruction (`str` or `None`): Text appended to `question` lines.
-        gamma (`float` or `None`): The LenVM's discount, for reference-format checkpoints.
-        batch_size (`int`): Prompts per forward.
-    """
-
-    lenvm_path: str = field(metadata={"help": "Saved LenVM directory (with its tokenizer)."})
-    input_file: str | None = field(default=None, metadata={"help": "jsonl of prompts (`prompt` or `question`)."})
-    output_file: str | None = field(default=None, metadata={"help": "Where the predictions go (jsonl)."})
-    eval_rollouts: str | None = field(
-        default=None, metadata={"help": "Rollout directory or jsonl: evaluate instead of predicting."}
-    )
-    train_rollouts: str | None = field(default=None, metadata={"help": "Training rollouts for the baselines."})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer directory; default lenvm_path."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System message for `question` lines."})
-    instruction: str | None = field(default=None, metadata={"help": "Text appended to `question` lines."})
-    gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per forward."})
-
-    def __post_init__(self):
-        if (self.input_file is None) == (self.eval_rollouts is None):
-            raise ValueError("Pass exactly one of --input_file (predict) and --eval_rollouts (evaluate).")
 
 
 def main(script_args: PredictLengthArguments) -> list[dict] | dict:

@@ -10,42 +10,14 @@ Reads prompts from GSM8K (`openai/gsm8k` or a local jsonl/parquet with `question
 `output_dir` (see `lenvm_rl.rollouts`). Load the result with `lenvm_rl.rollouts.load_rollouts(output_dir)`.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from lenvm_rl.data import DEFAULT_INSTRUCTION, load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.configs import SampleRolloutsArguments
+from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.rollouts import SamplingConfig, sample_rollouts
-
-
-@dataclass
-class SampleRolloutsArguments:
-    """Arguments of `recipes/sample_rollouts.py`."""
-
-    model_name_or_path: str = field(metadata={"help": "Policy to sample from (hub id or local path)."})
-    output_dir: str = field(metadata={"help": "Rollout directory; re-running resumes it."})
-    dataset_name: str = field(
-        default="openai/gsm8k", metadata={"help": "Hub id or local jsonl/parquet file or directory."}
-    )
-    dataset_config: str = field(default="main", metadata={"help": "Hub dataset config."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to take prompts from."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of the split."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
-    instruction: str | None = field(
-        default=DEFAULT_INSTRUCTION, metadata={"help": "Text appended to each question; null disables it."}
-    )
-    num_samples: int = field(default=16, metadata={"help": "Completions per prompt (paper: up to 16)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold (paper: 1.0)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k filter; 0 disables it."})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Length cap; cut completions are flagged."})
-    batch_size: int = field(default=32, metadata={"help": "Rows decoded together per process."})
-    chunk_size: int = field(default=32, metadata={"help": "Prompts per atomically written file."})
-    seed: int = field(default=0, metadata={"help": "Base sampling seed."})
-    dtype: str = field(default="float32", metadata={"help": "Policy dtype: float32, bfloat16 or float16."})
 
 
 def main(script_args: SampleRolloutsArguments) -> None:

@@ -14,27 +14,16 @@ or from a saved LenVM (ours or the reference format) to continue training. `gamm
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from lenvm_rl.configs import TrainLenVMScriptArguments
 from lenvm_rl.rollouts import ROLLOUTS_CONFIG_NAME, load_rollouts
 from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
 from lenvm_rl.trainers.lenvm import LenVMConfig, LenVMTrainer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainLenVMScriptArguments:
-    """Data arguments of `recipes/train_lenvm.py`."""
-
-    train_rollouts: str = field(metadata={"help": "Rollout directory (or jsonl file) written by sample_rollouts."})
-    eval_rollouts: str | None = field(default=None, metadata={"help": "Held-out rollouts for the eval loss."})
-    data_description: str | None = field(
-        default=None, metadata={"help": "Free text stored in the checkpoint (what the prompts were)."}
-    )
 
 
 def main(script_args: TrainLenVMScriptArguments, training_args: LenVMConfig, model_args: ModelConfig):

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import HfArgumentParser
 from trl import ModelConfig, TrlParser
 
 ROOT = Path(__file__).parents[1]
@@ -58,3 +59,12 @@ def test_unknown_key_is_rejected(tmp_path):
     bad.write_text("model_name_or_path: x\noutput_dir: y\nnum_sampels: 3\n")
     with pytest.raises(ValueError, match="num_sampels"):
         TrlParser(dataclasses_for(bad)).parse_args_and_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("arguments_class", [PPOScriptArguments, GRPOScriptArguments, SampleRolloutsArguments])
+def test_instruction_null_on_the_command_line_disables_it(arguments_class):
+    required = ["--model_name_or_path", "m", "--output_dir", "o"] if arguments_class is SampleRolloutsArguments else []
+    (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(
+        [*required, "--instruction", "null", "--system_prompt", "None"]
+    )
+    assert args.instruction is None and args.system_prompt is None
