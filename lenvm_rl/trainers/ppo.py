@@ -6,12 +6,9 @@ fixes that trainer's known defects, and splits one PPO update into overridable s
 `LenVMPPOTrainer` can change only the rewards or the advantages.
 """
 
-import copy
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -20,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import (
-    AutoModelForCausalLM,
     GenerationConfig,
     PreTrainedTokenizerBase,
     Trainer,
@@ -29,7 +25,6 @@ from transformers.trainer_utils import set_seed
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import (
-    disable_dropout_in_model,
     entropy_from_logits,
     pad,
     selective_log_softmax,
@@ -37,8 +32,7 @@ from trl.trainer.utils import (
 )
 
 from ..core import compute_gae
-from ..io import move_files_into
-from ..modeling import freeze_model, position_ids_from_mask
+from ..modeling import position_ids_from_mask
 from ..rl_math import (
     check_finite,
     clipped_policy_loss,
@@ -53,9 +47,10 @@ from .ppo_config import PPOConfig
 from .ppo_models import (
     VALUE_MODEL_DIR,
     PolicyAndValueWrapper,
-    refuse_to_copy_sharded,
+    prepare_ppo_models,
+    save_policy_and_critic,
     score_per_token,
-    value_model_from_policy,
+    tied_parameter_names,
 )
 from .reward_funcs import RewardFunc, load_reward_funcs, reward_func_names, rewards_to_tensor
 
@@ -176,37 +171,10 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
             logger.warning("`max_steps` is ignored by PPOTrainer: the number of updates follows `total_episodes`.")
         set_seed(args.seed)  # the critic built from the policy is part of the seeded run
 
-        policy = AutoModelForCausalLM.from_pretrained(model) if isinstance(model, str) else model
-        if ref_model is not None and ref_model is policy:
-            raise ValueError("`model` and `ref_model` are the same object; pass `ref_model=None` for a frozen copy.")
-        is_peft_policy = hasattr(policy, "peft_config")
-        if value_model is None:
-            if is_peft_policy:
-                raise ValueError(
-                    "A PEFT policy needs an explicit `value_model`; or pass the base model with `peft_config` and the "
-                    "critic is built from its backbone."
-                )
-            value_model = value_model_from_policy(policy)
-        if peft_config is not None:
-            if ref_model is not None:
-                raise ValueError(
-                    "With `peft_config` the reference is the policy with its adapter disabled: pass `ref_model=None`."
-                )
-            from peft import get_peft_model
-
-            policy = get_peft_model(policy, peft_config)
-            is_peft_policy = True
-        if is_peft_policy:
-            if ref_model is not None:
-                raise ValueError("A PEFT policy is its own reference (adapter disabled): pass `ref_model=None`.")
-            if args.model_adapter_name is not None:
-                policy.set_adapter(args.model_adapter_name)
-        elif ref_model is None:
-            refuse_to_copy_sharded(policy, "ref_model")
-            ref_model = copy.deepcopy(policy)
-        self.ref_model = freeze_model(ref_model) if ref_model is not None else None
-        disable_dropout_in_model(policy)
-        disable_dropout_in_model(value_model)
+        policy, ref_model, value_model, is_peft_policy = prepare_ppo_models(
+            model, ref_model, value_model, peft_config, args
+        )
+        self.ref_model = ref_model
 
         self.reward_funcs = load_reward_funcs(reward_model, reward_funcs)
         self.reward_func_names = reward_func_names(self.reward_funcs)
@@ -710,33 +678,12 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`.
-
-        Written into a hidden staging folder inside `output_dir` first, then renamed into place file by file, so a
-        process killed while saving never leaves a truncated weight file (a checkpoint folder is only used once
-        marked complete, see [`~lenvm_rl.trainers.checkpointing.CompleteCheckpointsMixin`]).
-        """
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if state_dict is None:
-            state_dict = wrapper.state_dict()
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
-        try:
-            for name, module, folder in (
-                ("policy", wrapper.policy, staging),
-                ("value_model", wrapper.value_model, os.path.join(staging, VALUE_MODEL_DIR)),
-            ):
-                prefix = f"{name}."
-                module_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-                module.save_pretrained(folder, state_dict=module_state)
-            self.processing_class.save_pretrained(staging)
-            torch.save(self.args, os.path.join(staging, "training_args.bin"))
-            move_files_into(staging, output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`, staged
+        and renamed into place ([`~lenvm_rl.trainers.ppo_models.save_policy_and_critic`])."""
+        if self.args.should_save:
+            wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            save_policy_and_critic(wrapper, state_dict, output_dir, self.processing_class, self.args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -746,13 +693,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
     def _issue_warnings_after_load(self, load_result) -> None:
         # Tied weights (an LM head sharing the embedding matrix) are saved once: their absence is expected.
         wrapper = self.accelerator.unwrap_model(self.model)
-        tied = set()
-        for module in (wrapper.policy, wrapper.value_model):
-            names_by_storage = defaultdict(list)
-            for name, tensor in module.state_dict().items():
-                names_by_storage[tensor.data_ptr()].append(name)
-            tied.update(name for names in names_by_storage.values() if len(names) > 1 for name in names)
-        missing = sorted(set(load_result.missing_keys) - tied)
+        missing = sorted(set(load_result.missing_keys) - tied_parameter_names(wrapper.policy, wrapper.value_model))
         if missing:
             logger.warning("There were missing keys in the checkpoint model loaded: %s.", missing)
         if load_result.unexpected_keys:

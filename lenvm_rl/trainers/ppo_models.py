@@ -1,15 +1,26 @@
-"""The models of a PPO run: the policy + critic wrapper that one optimizer trains, the critic built from the policy,
-and the per-position scalar head read of critics and reward models (TRL's sequence-classifier layout)."""
+"""The models of a PPO run: setting them up from `PPOTrainer`'s arguments (policy, frozen reference, critic, PEFT),
+the policy + critic wrapper that one optimizer trains, the per-position scalar head read of critics and reward models
+(TRL's sequence-classifier layout), and saving them in TRL's layout (policy at the top, critic in `value_model/`)."""
 
 import copy
+import os
+import shutil
+import tempfile
+from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..io import move_files_into
+from ..modeling import freeze_model
+
 __all__ = [
+    "prepare_ppo_models",
+    "save_policy_and_critic",
+    "tied_parameter_names",
     "VALUE_MODEL_DIR",
     "PolicyAndValueWrapper",
     "refuse_to_copy_sharded",
@@ -104,3 +115,91 @@ def value_model_from_policy(policy: nn.Module) -> nn.Module:
         backbone.load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
         nn.init.zeros_(value_model.score.weight)
     return value_model.to(device=policy.device, dtype=policy.dtype)
+
+
+def prepare_ppo_models(model, ref_model, value_model, peft_config, args):
+    """The policy, frozen reference, critic and whether the policy is a PEFT model, from `PPOTrainer`'s arguments.
+
+    - `model`: a causal LM or its path; with `peft_config` it gets the adapter (the critic is built before, from the
+      base model).
+    - `ref_model`: `None` gives a frozen copy of the policy, or, for a PEFT policy, `None` (the policy with its
+      adapter disabled serves as the reference).
+    - `value_model`: `None` builds one from the policy ([`value_model_from_policy`]).
+
+    Dropout is disabled in the policy and the critic (PPO's ratios must be deterministic), and the reference is frozen.
+
+    Returns:
+        `tuple`: `(policy, ref_model or None, value_model, is_peft_policy)`.
+    """
+    policy = AutoModelForCausalLM.from_pretrained(model) if isinstance(model, str) else model
+    if ref_model is not None and ref_model is policy:
+        raise ValueError("`model` and `ref_model` are the same object; pass `ref_model=None` for a frozen copy.")
+    is_peft_policy = hasattr(policy, "peft_config")
+    if value_model is None:
+        if is_peft_policy:
+            raise ValueError(
+                "A PEFT policy needs an explicit `value_model`; or pass the base model with `peft_config` and the "
+                "critic is built from its backbone."
+            )
+        value_model = value_model_from_policy(policy)
+    if peft_config is not None:
+        if ref_model is not None:
+            raise ValueError(
+                "With `peft_config` the reference is the policy with its adapter disabled: pass `ref_model=None`."
+            )
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config)
+        is_peft_policy = True
+    if is_peft_policy:
+        if ref_model is not None:
+            raise ValueError("A PEFT policy is its own reference (adapter disabled): pass `ref_model=None`.")
+        if args.model_adapter_name is not None:
+            policy.set_adapter(args.model_adapter_name)
+    elif ref_model is None:
+        refuse_to_copy_sharded(policy, "ref_model")
+        ref_model = copy.deepcopy(policy)
+    ref_model = freeze_model(ref_model) if ref_model is not None else None
+    for module in (policy, value_model):
+        for submodule in module.modules():
+            if isinstance(submodule, nn.Dropout):
+                submodule.p = 0.0
+    return policy, ref_model, value_model, is_peft_policy
+
+
+def save_policy_and_critic(
+    wrapper: PolicyAndValueWrapper, state_dict, output_dir: str, processing_class, args
+) -> None:
+    """Write a PPO run's models: the policy at the top of `output_dir` (a loadable causal LM or PEFT adapter, TRL's
+    layout), the critic in `value_model/`, the tokenizer and `training_args.bin`.
+
+    Everything goes to a hidden staging folder inside `output_dir` first and is then renamed into place file by file
+    ([`~lenvm_rl.io.move_files_into`]), so a process killed while saving never leaves a truncated weight file.
+    """
+    state_dict = wrapper.state_dict() if state_dict is None else state_dict
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+    try:
+        for name, module, folder in (
+            ("policy", wrapper.policy, staging),
+            ("value_model", wrapper.value_model, os.path.join(staging, VALUE_MODEL_DIR)),
+        ):
+            prefix = f"{name}."
+            module_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            module.save_pretrained(folder, state_dict=module_state)
+        processing_class.save_pretrained(staging)
+        torch.save(args, os.path.join(staging, "training_args.bin"))
+        move_files_into(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def tied_parameter_names(*modules: nn.Module) -> set[str]:
+    """Names of parameters that share storage with another one (tied embeddings are saved once)."""
+    tied = set()
+    for module in modules:
+        names_by_storage = defaultdict(list)
+        for name, tensor in module.state_dict().items():
+            names_by_storage[tensor.data_ptr()].append(name)
+        tied.update(name for names in names_by_storage.values() if len(names) > 1 for name in names)
+    return tied
