@@ -180,8 +180,17 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
         lenvm: LengthValueModel | str | None = None,
         lenvm_processing_class: PreTrainedTokenizerBase | None = None,
     ):
-        if not isinstance(args, LenVMGRPOConfig):
-            raise ValueError(f"LenVMGRPOTrainer needs a LenVMGRPOConfig as `args`, got {type(args).__name__}.")
+        # Half-swapped scripts: TRL's default config when none is given, and a plain GRPOConfig converted (with a
+        # warning that the length fields take their defaults) rather than refused.
+        if args is None:
+            from trl.trainer.utils import get_config_model_id
+
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = LenVMGRPOConfig(f"{model_name.split('/')[-1]}-GRPO")
+        elif not isinstance(args, LenVMGRPOConfig):
+            from .trl_compat import lenvm_config_from
+
+            args = lenvm_config_from(args, LenVMGRPOConfig)
         if tools or environment_factory is not None:
             raise ValueError(
                 "LenVMGRPOTrainer does not support `tools` or `environment_factory`: tool responses are inserted into "
