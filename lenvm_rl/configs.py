@@ -363,6 +363,12 @@ class GRPOScriptArguments(GSM8KScriptArguments):
     length_penalty_coef: float = field(
         default=0.0, metadata={"help": "Baseline: add the sequence-level reward -alpha * completion tokens."}
     )
+    length_penalty_correct_only: bool = field(
+        default=False, metadata={"help": "Baseline: the length penalty applies to correct completions only."}
+    )
+    kimi_length_coef: float = field(
+        default=0.0, metadata={"help": "Baseline: add Kimi k1.5's group-relative length reward with this weight."}
+    )
     soft_overlong_cache: int | None = field(
         default=None,
         metadata={"help": "Baseline: add TRL's soft overlong punishment over the last N tokens before the cap."},

@@ -10,7 +10,13 @@ Everything here is pure Python (`re` only): no torch, no tokenizer.
 
 import re
 
-__all__ = ["extract_gsm8k_answer", "gsm8k_accuracy_reward", "gsm8k_format_reward"]
+__all__ = [
+    "extract_gsm8k_answer",
+    "gsm8k_accuracy_reward",
+    "gsm8k_format_reward",
+    "kimi_length_reward",
+    "length_penalty_reward",
+]
 
 # A number as written in prose or LaTeX: an optional sign (not read as a minus when glued to a preceding word,
 # digit or bracket, so "3-5" is 5), an optional `$`/`\$` (the sign may also follow it: "$-5"), digits with
@@ -195,3 +201,69 @@ def gsm8k_format_reward(completions: list[str] | list[list[dict[str, str]]], **k
         well_formed = text.count("####") == 1 and bool(lines) and _FORMAT_LINE.fullmatch(lines[-1].strip())
         rewards.append(1.0 if well_formed else 0.0)
     return rewards
+
+
+# ---------------------------------------------------------------------- sequence-level length rewards (baselines)
+
+
+def length_penalty_reward(coef: float, correct_only: bool = False):
+    r"""
+    The sequence-level length penalty `-coef * L` as a TRL reward function (`L` = completion tokens, EOS included).
+
+    With `correct_only`, only correct completions ([`gsm8k_accuracy_reward`] = 1) pay it, a common choice in
+    efficient-reasoning work: length is traded only once the answer is right, so the penalty never pushes a wrong
+    completion to give up early.
+
+    Example:
+        >>> penalty = length_penalty_reward(0.01, correct_only=True)
+        >>> penalty(completions=["#### 4", "#### 5"], completion_ids=[[1] * 10, [1] * 20], answer=["4", "4"])
+        [-0.1, -0.0]
+    """
+
+    def length_penalty_reward(completion_ids, completions=None, answer=None, **kwargs) -> list[float]:
+        rewards = [-coef * len(ids) for ids in completion_ids]
+        if correct_only:
+            correct = gsm8k_accuracy_reward(completions, answer)
+            rewards = [reward * c for reward, c in zip(rewards, correct)]
+        return rewards
+
+    length_penalty_reward.__name__ = "correct_length_penalty" if correct_only else "length_penalty"
+    return length_penalty_reward
+
+
+def kimi_length_reward(coef: float = 1.0):
+    r"""
+    Kimi k1.5's group-relative length reward (Kimi Team 2025, section 2.3.3) as a TRL reward function.
+
+    Among the completions of one prompt, with lengths `L_min .. L_max`:
+
+        lambda = 0.5 - (L - L_min) / (L_max - L_min)            (0 when all have the same length)
+        reward = coef * lambda               for a correct completion
+        reward = coef * min(0, lambda)       for a wrong one (short wrong answers are not rewarded)
+
+    Completions are grouped by their prompt among those the function receives in one call (GRPO's generation batch
+    on this process; TRL keeps a prompt's group together on one process when `num_generations` divides the
+    per-process generation batch).
+
+    Example:
+        >>> kimi = kimi_length_reward()
+        >>> kimi(prompts=["p", "p", "p"], completions=["#### 4", "#### 4", "#### 5"],
+        ...      completion_ids=[[1] * 10, [1] * 20, [1] * 30], answer=["4", "4", "4"])
+        [0.5, 0.0, -0.5]
+    """
+
+    def kimi_length_reward(prompts, completions, completion_ids, answer, **kwargs) -> list[float]:
+        correct = gsm8k_accuracy_reward(completions, answer)
+        lengths = [len(ids) for ids in completion_ids]
+        groups = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(str(prompt), []).append(i)
+        rewards = [0.0] * len(lengths)
+        for rows in groups.values():
+            low, high = min(lengths[i] for i in rows), max(lengths[i] for i in rows)
+            for i in rows:
+                lam = 0.5 - (lengths[i] - low) / (high - low) if high > low else 0.0
+                rewards[i] = coef * (lam if correct[i] else min(0.0, lam))
+        return rewards
+
+    return kimi_length_reward

@@ -8,8 +8,9 @@
 
 The reward is GSM8K accuracy ([`~lenvm_rl.gsm8k_accuracy_reward`]). Without `lenvm_model_name_or_path` the run is
 plain `trl.GRPOTrainer`; with it, [`~lenvm_rl.LenVMGRPOTrainer`] (`length_coef: 0` is then plain GRPO plus the
-`length/` metrics). Two sequence-level length baselines for ablations: `length_penalty_coef` (reward `-alpha * L`)
-and `soft_overlong_cache` (TRL's `get_soft_overlong_punishment`, DAPO eq. 13). With `num_eval_problems > 0`, the
+`length/` metrics). Sequence-level length baselines for ablations: `length_penalty_coef` (reward `-alpha * L`, with
+`length_penalty_correct_only` on correct completions only), `kimi_length_coef` (Kimi k1.5's group-relative length
+reward) and `soft_overlong_cache` (TRL's `get_soft_overlong_punishment`, DAPO eq. 13). With `num_eval_problems > 0`, the
 main process samples one completion per held-out problem before and after training and writes `results.json`
 (accuracy, mean completion tokens, fraction cut at the length cap) next to the saved policy.
 """
@@ -30,20 +31,11 @@ from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.io import write_json_atomic
-from lenvm_rl.rewards import gsm8k_accuracy_reward
+from lenvm_rl.rewards import gsm8k_accuracy_reward, kimi_length_reward, length_penalty_reward
 from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def length_penalty_reward(coef: float):
-    """The sequence-level length penalty `-coef * L` (L = completion tokens, EOS included) as a TRL reward."""
-
-    def length_penalty_reward(completion_ids, **kwargs) -> list[float]:
-        return [-coef * len(ids) for ids in completion_ids]
-
-    return length_penalty_reward
 
 
 def evaluate_policy(model, tokenizer, dataset, max_new_tokens: int, temperature: float, batch_size: int, seed: int):
@@ -83,7 +75,13 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
 
     reward_funcs = [gsm8k_accuracy_reward]
     if script_args.length_penalty_coef:
-        reward_funcs.append(length_penalty_reward(script_args.length_penalty_coef))
+        reward_funcs.append(
+            length_penalty_reward(
+                script_args.length_penalty_coef, correct_only=script_args.length_penalty_correct_only
+            )
+        )
+    if script_args.kimi_length_coef:
+        reward_funcs.append(kimi_length_reward(script_args.kimi_length_coef))
     if script_args.soft_overlong_cache is not None:
         max_length, cache = training_args.max_completion_length, script_args.soft_overlong_cache
         reward_funcs.append(get_soft_overlong_punishment(max_length, cache))
@@ -141,6 +139,8 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
             train_seconds=round(train_seconds, 1),
             length_coef=getattr(training_args, "length_coef", 0.0),
             length_penalty_coef=script_args.length_penalty_coef,
+            length_penalty_correct_only=script_args.length_penalty_correct_only,
+            kimi_length_coef=script_args.kimi_length_coef,
             soft_overlong_cache=script_args.soft_overlong_cache,
             seed=training_args.seed,
             num_processes=trainer.accelerator.num_processes,

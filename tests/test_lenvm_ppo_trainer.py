@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 from safetensors import safe_open
+from transformers import TrainerCallback
 
 from lenvm_rl.modeling import LENVM_CONFIG_NAME, LengthValueModel
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
@@ -481,3 +482,84 @@ def test_nan_lenvm_values_stop_the_run_before_any_optimizer_step(tmp_path, token
         trainer.train()
     assert not changed(before, trainer.model)
     assert not list((tmp_path / "ppo").glob("checkpoint-*"))
+
+
+# ---------------------------------------------------------------------------------------------- refreshed length critics
+
+
+def test_online_lenvm_moves_only_the_lenvm_and_is_saved(tmp_path, tokenizer):
+    lenvm = make_lenvm()
+    before_lenvm = snapshot(lenvm)
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        lenvm,
+        length_coef=0.5,
+        lenvm_update="online",
+        lenvm_learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer.train()
+    optimized = {id(param) for group in trainer.optimizer.param_groups for param in group["params"]}
+    assert not optimized & {id(param) for param in lenvm.parameters()}  # the policy's optimizer never sees it
+    assert changed(before_lenvm, lenvm)
+    losses = [entry["length/lenvm_loss"] for entry in trainer.state.log_history if "length/lenvm_loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    saved = LengthValueModel.from_pretrained(tmp_path / "ppo" / "checkpoint-2" / "lenvm")
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in lenvm.state_dict().items())
+    assert (tmp_path / "ppo" / "checkpoint-2" / "lenvm_optimizer.pt").is_file()
+
+
+class StopAfterFirstUpdate(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == 1
+
+
+def test_online_lenvm_resumes_exactly(tmp_path, tokenizer):
+    kwargs = dict(
+        length_coef=0.5, lenvm_update="online", lenvm_learning_rate=1e-3, save_strategy="steps", save_steps=1
+    )
+    reference = make_trainer(tmp_path / "a", tokenizer, make_lenvm(), **kwargs)
+    reference.train()
+    first = make_trainer(tmp_path / "b", tokenizer, make_lenvm(), **kwargs)
+    first.add_callback(StopAfterFirstUpdate())  # one update and its checkpoint, then "killed"
+    first.train()
+    assert first.state.global_step == 1
+    resumed = make_trainer(tmp_path / "b", tokenizer, make_lenvm(), **kwargs)
+    resumed.train(resume_from_checkpoint=True)
+    assert all(torch.equal(v, resumed.lenvm.state_dict()[k]) for k, v in reference.lenvm.state_dict().items())
+    assert not changed(snapshot(reference.model), resumed.model)
+
+
+def test_a_length_critic_without_pretraining_starts_from_the_policy(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, length_coef=0.5, lenvm_init="policy", lenvm_update="online", lenvm_gamma=0.9
+    )
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    lenvm_embeddings = trainer.lenvm.backbone.get_input_embeddings().weight
+    assert torch.equal(lenvm_embeddings, policy.get_input_embeddings().weight)
+    assert lenvm_embeddings.data_ptr() != policy.get_input_embeddings().weight.data_ptr()  # a copy
+    trainer.train()
+    assert "length/lenvm_loss" in trainer.state.log_history[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lenvm_init="policy", lenvm_update="frozen", lenvm_gamma=0.9),
+        dict(lenvm_init="policy", lenvm_update="online"),
+        dict(lenvm_update="online", length_mode="penalty"),
+    ],
+)
+def test_refresh_options_that_do_not_fit_are_refused(tmp_path, kwargs):
+    with pytest.raises(ValueError, match="--lenvm"):
+        LenVMPPOConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_penalty_on_correct_answers_only(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, length_mode="penalty", length_coef=0.5, length_penalty_correct_only=True
+    )
+    out = trainer.compute_rewards({**hand_batch(0.5), "scores": torch.tensor([1.0, 0.0])})
+    assert out["length_rewards"][0, 1] == -0.5 * 2 and out["length_rewards"][1].abs().sum() == 0

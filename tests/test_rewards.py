@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from lenvm_rl.rewards import extract_gsm8k_answer, gsm8k_accuracy_reward, gsm8k_format_reward
+from lenvm_rl.rewards import (
+    extract_gsm8k_answer,
+    gsm8k_accuracy_reward,
+    gsm8k_format_reward,
+    kimi_length_reward,
+    length_penalty_reward,
+)
 
 GSM8K_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "gsm8k"
 GSM8K_FILES = ("train.jsonl", "test.jsonl")
@@ -188,3 +194,29 @@ def test_every_gsm8k_reference_solution_scores_itself():
     assert sum(wrong) == 0.0
     if all((GSM8K_DIR / name).exists() for name in GSM8K_FILES):
         assert len(rows) == GSM8K_ROWS
+
+
+def test_length_penalty_reward_by_hand_and_correct_only():
+    completions, ids, answer = ["#### 4", "#### 5"], [[1] * 10, [1] * 20], ["4", "4"]
+    assert length_penalty_reward(0.5)(completions=completions, completion_ids=ids, answer=answer) == [-5.0, -10.0]
+    correct_only = length_penalty_reward(0.5, correct_only=True)
+    assert correct_only(completions=completions, completion_ids=ids, answer=answer) == [-5.0, -0.0]
+    assert correct_only.__name__ == "correct_length_penalty"
+
+
+def test_kimi_length_reward_by_hand_per_group():
+    prompts = ["a", "a", "a", "b", "b"]
+    completions = ["#### 4", "#### 4", "#### 5", "#### 5", "#### 4"]
+    ids = [[1] * 10, [1] * 20, [1] * 30, [1] * 8, [1] * 8]
+    answer = ["4"] * 5
+    rewards = kimi_length_reward(2.0)(prompts=prompts, completions=completions, completion_ids=ids, answer=answer)
+    lam = [0.5 - 0 / 20, 0.5 - 10 / 20, 0.5 - 20 / 20]  # group a: lengths 10, 20, 30
+    expected = [2.0 * lam[0], 2.0 * lam[1], 2.0 * min(0.0, lam[2]), 0.0, 0.0]  # group b: equal lengths
+    assert rewards == pytest.approx(expected)
+
+
+def test_kimi_length_reward_never_rewards_a_short_wrong_answer():
+    rewards = kimi_length_reward()(
+        prompts=["a", "a"], completions=["#### 5", "#### 4"], completion_ids=[[1] * 5, [1] * 50], answer=["4", "4"]
+    )
+    assert rewards[0] == 0.0 and rewards[1] == -0.5

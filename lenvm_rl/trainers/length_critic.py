@@ -9,7 +9,9 @@ this module holds it once:
   against the policy's afterwards with [`~lenvm_rl.modeling.check_lenvm_reads_policy_ids`]);
 - [`lenvm_state_values`]: the chunked, gradient-free forward that gives `v(s_0) .. v(s_T)` of prompt + response;
 - [`length_metrics`]: the `length/` metrics (response tokens, truncation, predicted length, drift, advantage
-  statistics), gathered over processes.
+  statistics), gathered over processes;
+- the opt-in online refresh (`lenvm_update="online"`): [`lenvm_from_policy`] (a critic without pretraining),
+  [`make_lenvm_optimizer`], [`length_value_targets`], [`update_lenvm_online`].
 
 The math (length advantages, normalisation, schedule) lives in ``lenvm_rl.core`` and ``lenvm_rl.rl_math``.
 """
@@ -25,13 +27,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..core import lengths_to_values, values_to_lengths
+from ..core import compute_gae, lengths_to_values, values_to_lengths
 from ..modeling import LengthValueModel, freeze_model, position_ids_from_mask, resolve_lenvm
 from ..rl_math import LENGTH_COEF_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LengthCriticConfigMixin", "length_metrics", "lenvm_state_values", "load_length_critic"]
+__all__ = [
+    "LengthCriticConfigMixin",
+    "length_metrics",
+    "length_value_targets",
+    "lenvm_from_policy",
+    "lenvm_state_values",
+    "load_length_critic",
+    "make_lenvm_optimizer",
+    "update_lenvm_online",
+]
 
 
 @dataclass
@@ -59,6 +70,23 @@ class LengthCriticConfigMixin:
         length_lam (`float`, *optional*, defaults to `1.0`):
             GAE lambda of the length advantage; 1 gives `A_len_t = G_t - v(s_t)` (realised minus predicted remaining
             length, in value units), smaller values lean on the LenVM's own bootstrap.
+
+        > Refreshing the length critic during RL (opt-in; the method's default is a frozen, pretrained LenVM)
+
+        lenvm_update (`str`, *optional*, defaults to `"frozen"`):
+            `"frozen"`: the LenVM never changes (byte-identical after training). `"online"`: after each update the
+            LenVM regresses the realised returns `G_t` of the current policy's rollouts (squared error averaged over
+            tokens, cut responses bootstrapped from its own detached value) with its own AdamW optimizer, so its
+            predictions follow the policy as it gets shorter (`length/drift_ratio` shows how far they had drifted).
+            Not supported under DeepSpeed (the LenVM is an inference engine there).
+        lenvm_init (`str`, *optional*, defaults to `"pretrained"`):
+            `"pretrained"`: the LenVM of `lenvm_model_name_or_path` / `lenvm=`. `"policy"`: a length critic *without
+            pretraining*, the policy's backbone with a fresh value head (needs `lenvm_gamma` and
+            `lenvm_update="online"`): the ablation that isolates what LenVM pretraining buys.
+        lenvm_learning_rate (`float`, *optional*, defaults to `1e-5`):
+            Learning rate of the online LenVM updates.
+        lenvm_update_epochs (`int`, *optional*, defaults to `1`):
+            Passes over each batch of rollouts per online LenVM update.
     """
 
     lenvm_model_name_or_path: str | None = field(
@@ -81,6 +109,15 @@ class LengthCriticConfigMixin:
         default=None, metadata={"help": "Discount of the length advantage (None: the LenVM's gamma)."}
     )
     length_lam: float = field(default=1.0, metadata={"help": "GAE lambda of the length advantage."})
+    lenvm_update: Literal["frozen", "online"] = field(
+        default="frozen", metadata={"help": "frozen (the method) or online: refit the LenVM on each update's rollouts."}
+    )
+    lenvm_init: Literal["pretrained", "policy"] = field(
+        default="pretrained",
+        metadata={"help": "pretrained LenVM, or policy: the policy's backbone with a fresh head (no pretraining)."},
+    )
+    lenvm_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of online LenVM updates."})
+    lenvm_update_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch per LenVM update."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,6 +135,20 @@ class LengthCriticConfigMixin:
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"--{name} must be in (0, 1), got {value}")
+        if self.lenvm_update not in ("frozen", "online"):
+            raise ValueError(f"--lenvm_update must be 'frozen' or 'online', got {self.lenvm_update!r}")
+        if self.lenvm_init not in ("pretrained", "policy"):
+            raise ValueError(f"--lenvm_init must be 'pretrained' or 'policy', got {self.lenvm_init!r}")
+        if not (math.isfinite(self.lenvm_learning_rate) and self.lenvm_learning_rate > 0):
+            raise ValueError(f"--lenvm_learning_rate must be a finite number > 0, got {self.lenvm_learning_rate}")
+        if self.lenvm_update_epochs < 1:
+            raise ValueError(f"--lenvm_update_epochs must be >= 1, got {self.lenvm_update_epochs}")
+        if self.lenvm_init == "policy":
+            if self.lenvm_update != "online" or self.lenvm_gamma is None or self.lenvm_model_name_or_path is not None:
+                raise ValueError(
+                    "--lenvm_init policy (a length critic without pretraining) starts from a fresh value head: it needs "
+                    "--lenvm_update online, a --lenvm_gamma, and no --lenvm_model_name_or_path."
+                )
 
 
 def load_length_critic(
@@ -120,6 +171,10 @@ def load_length_critic(
     """
     if lenvm is not None and args.lenvm_model_name_or_path is not None:
         raise ValueError("Pass the LenVM either as `lenvm=` or as --lenvm_model_name_or_path, not both.")
+    if args.lenvm_init == "policy":  # built from the policy by the trainer, once the policy is loaded
+        if lenvm is not None:
+            raise ValueError("--lenvm_init policy builds the length critic from the policy: do not pass `lenvm=`.")
+        return None, None
     lenvm = lenvm if lenvm is not None else args.lenvm_model_name_or_path
     if lenvm is None:
         if missing_message is not None:
@@ -230,3 +285,79 @@ def length_metrics(
         metrics["length/advantages_mean"] = mean.item()
         metrics["length/advantages_std"] = var.clamp(min=0).sqrt().item()
     return metrics
+
+
+# ---------------------------------------------------------------------- online refresh (opt-in, lenvm_update="online")
+
+
+def lenvm_from_policy(policy: nn.Module, gamma: float) -> LengthValueModel:
+    """A length critic without pretraining: the policy's backbone (deep-copied) with a fresh value head."""
+    if hasattr(policy, "get_base_model"):  # a PEFT policy: start from its base weights
+        policy = policy.get_base_model()
+    return LengthValueModel.from_backbone(
+        policy, gamma=gamma, data_description="online length critic initialised from the policy (no pretraining)"
+    )
+
+
+def make_lenvm_optimizer(lenvm: LengthValueModel, learning_rate: float) -> torch.optim.Optimizer:
+    """Unfreeze every LenVM parameter (it stays in eval mode: no dropout) and give it its own AdamW optimizer."""
+    lenvm.requires_grad_(True)
+    return torch.optim.AdamW([p for p in lenvm.parameters() if p.requires_grad], lr=learning_rate)
+
+
+def length_value_targets(
+    length_values: torch.Tensor, response_mask: torch.Tensor, gamma: float, terminated: torch.Tensor
+) -> torch.Tensor:
+    """Regression targets of an online LenVM update: the realised returns `G_t = -(1 - gamma^(L - t))`, bootstrapped
+    from the detached `v(s_L)` for rows cut at the maximum length (`lenvm_rl.core.compute_gae` with `lam = 1`).
+
+    Returns:
+        `torch.Tensor`: `(B, T)` targets, 0 outside `response_mask`.
+    """
+    rewards = torch.full(response_mask.shape, -(1.0 - gamma), dtype=length_values.dtype, device=length_values.device)
+    _, returns = compute_gae(rewards, length_values.detach(), response_mask, gamma, 1.0, terminated)
+    return returns
+
+
+def update_lenvm_online(
+    lenvm: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_state: int,
+    targets: torch.Tensor,
+    response_mask: torch.Tensor,
+    micro_batch_size: int,
+    epochs: int = 1,
+    average_gradients: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """Regress the LenVM's values of `s_0 .. s_{T-1}` onto `targets` (token-averaged squared error per micro-batch,
+    one optimizer step each), `epochs` passes in row order. `average_gradients` averages a gradient over processes
+    (DDP); every process must hold the same number of rows.
+
+    Returns:
+        `float`: the mean loss over the steps (before each step).
+    """
+    T = targets.shape[1]
+    losses = []
+    for _ in range(epochs):
+        for i in range(0, input_ids.size(0), micro_batch_size):
+            rows = slice(i, i + micro_batch_size)
+            mask = attention_mask[rows]
+            values = lenvm(input_ids=input_ids[rows], attention_mask=mask, position_ids=position_ids_from_mask(mask))
+            values = values.values[:, first_state : first_state + T]  # (b, T)
+            token_mask = response_mask[rows].bool()
+            errors = (values - targets[rows].to(values.dtype)) ** 2
+            loss = errors.masked_fill(~token_mask, 0.0).sum() / token_mask.sum().clamp(min=1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"online LenVM loss is {loss.item()}: the LenVM update would carry NaN/inf.")
+            optimizer.zero_grad()
+            loss.backward()
+            if average_gradients is not None:
+                for parameter in lenvm.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad = average_gradients(parameter.grad)
+            optimizer.step()
+            losses.append(loss.detach())
+    optimizer.zero_grad()
+    return torch.stack(losses).mean().item()

@@ -7,6 +7,7 @@ the advantages (step 5, the additive length advantage) and the log (step 7, `len
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,16 @@ from transformers import PreTrainedTokenizerBase
 from ..core import length_advantages, length_shaping_rewards
 from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
 from ..rl_math import add_length_advantages, scheduled_length_coef
-from .length_critic import LengthCriticConfigMixin, length_metrics, lenvm_state_values, load_length_critic
+from .length_critic import (
+    LengthCriticConfigMixin,
+    length_metrics,
+    length_value_targets,
+    lenvm_from_policy,
+    lenvm_state_values,
+    load_length_critic,
+    make_lenvm_optimizer,
+    update_lenvm_online,
+)
 from .ppo import PPOConfig, PPOTrainer, RewardFunc
 
 logger = logging.getLogger(__name__)
@@ -25,6 +35,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["LenVMPPOConfig", "LenVMPPOTrainer"]
 
 LENGTH_MODES = ("advantage", "shaping", "penalty", "none")
+LENVM_DIR = "lenvm"  # checkpoint sub-folder of an online LenVM
+LENVM_OPTIMIZER_NAME = "lenvm_optimizer.pt"
 
 
 @dataclass
@@ -44,24 +56,34 @@ class LenVMPPOConfig(LengthCriticConfigMixin, PPOConfig):
             shaping `r_t + beta * (gamma * Phi(s_{t+1}) - Phi(s_t))` with `Phi` the LenVM (keeps the task optimum,
             densifies credit). `"penalty"`: sequence-level `score - alpha * tokens` (no LenVM needed; an ablation).
             `"none"`: plain PPO.
+        length_penalty_correct_only (`bool`, *optional*, defaults to `False`):
+            In `"penalty"` mode, only responses with a positive task score (correct, for a 0/1 accuracy reward) pay
+            the penalty: length is traded only once the answer is right.
         length_coef (`float`, *optional*, defaults to `0.0`):
             The coefficient of the length term: `s` (advantage), `beta` (shaping) or `alpha` (penalty, per token).
             Positive values favour shorter responses. In `"advantage"` mode it is unitless: the scaled length
             advantage has unit root mean square, like the whitened task advantage (see
             [`~lenvm_rl.rl_math.add_length_advantages`]). Must be 0 with `length_mode="none"`.
         lenvm_model_name_or_path, lenvm_gamma, length_coef_schedule, length_coef_warmup_steps, length_gamma,
-        length_lam:
+        length_lam, lenvm_update, lenvm_init, lenvm_learning_rate, lenvm_update_epochs:
             See [`~lenvm_rl.trainers.length_critic.LengthCriticConfigMixin`]; the schedule counts PPO updates.
     """
 
     length_mode: Literal["advantage", "shaping", "penalty", "none"] = field(
         default="advantage", metadata={"help": "How the length term enters PPO: advantage, shaping, penalty or none."}
     )
+    length_penalty_correct_only: bool = field(
+        default=False, metadata={"help": "penalty mode: only responses with a positive task score pay the penalty."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.length_mode not in LENGTH_MODES:
             raise ValueError(f"--length_mode must be one of {LENGTH_MODES}, got {self.length_mode!r}")
+        if self.lenvm_update == "online" and self.length_mode not in ("advantage", "shaping"):
+            raise ValueError(
+                "--lenvm_update online refreshes the LenVM critic: use --length_mode advantage or shaping."
+            )
         if self.length_mode == "none" and self.length_coef != 0.0:
             raise ValueError(
                 f"--length_coef {self.length_coef} has no effect with --length_mode none: set --length_coef 0, or "
@@ -172,6 +194,15 @@ class LenVMPPOTrainer(PPOTrainer):
             peft_config,
             reward_funcs,
         )
+        if args.lenvm_init == "policy":  # the length critic without pretraining
+            self.lenvm = lenvm_from_policy(self.accelerator.unwrap_model(self.model).policy, args.lenvm_gamma)
+            self.lenvm_gamma = self.lenvm.gamma
+            self.length_gamma = args.length_gamma if args.length_gamma is not None else self.lenvm_gamma
+        self.lenvm_optimizer = None
+        if args.lenvm_update == "online":
+            if self.is_deepspeed_enabled:
+                raise ValueError("--lenvm_update online is not supported with DeepSpeed: use DDP, or a frozen LenVM.")
+            self.lenvm_optimizer = make_lenvm_optimizer(self.lenvm, args.lenvm_learning_rate)
 
     def _prepare_frozen_models(self):
         super()._prepare_frozen_models()
@@ -229,6 +260,7 @@ class LenVMPPOTrainer(PPOTrainer):
 
             shaping:  r'_t = r_t + beta * (gamma * Phi(s_{t+1}) - Phi(s_t))      Phi = length_values, 0 after stop
             penalty:  r'_L = r_L - alpha * L                                      on the last real token
+                      (with `length_penalty_correct_only`, only rows with a positive task score)
 
         Returns:
             `dict`: PPOTrainer's keys, `rewards` including the length term, and `length_rewards` `(B, T)` in those
@@ -244,6 +276,8 @@ class LenVMPPOTrainer(PPOTrainer):
         elif mode == "penalty":
             rows = torch.arange(len(mask), device=mask.device)
             tokens = mask.sum(1).to(out["rewards"].dtype)  # (B,) L, stop token included
+            if self.args.length_penalty_correct_only:
+                tokens = tokens * (batch["scores"] > 0).to(tokens.dtype)
             length_rewards = torch.zeros_like(out["rewards"])
             length_rewards[rows, batch["sequence_lengths"]] = -batch["length_coef"] * tokens
         else:
@@ -286,6 +320,65 @@ class LenVMPPOTrainer(PPOTrainer):
             self.check_finite(out["advantages"], "advantages with the length term")
         return out
 
+    # ------------------------------------------------------------------ 6. PPO epochs (+ the online LenVM update)
+
+    def train_on_rollouts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """[`PPOTrainer.train_on_rollouts`]; with `lenvm_update="online"`, then one refresh of the LenVM on the same
+        rollouts (its values regress the realised returns, [`~lenvm_rl.trainers.length_critic.update_lenvm_online`]),
+        after the length advantages of this update were computed with the LenVM as it was."""
+        stats = super().train_on_rollouts(batch)
+        if self.lenvm_optimizer is not None and "length_values" in batch:
+            stats["lenvm_loss"] = torch.tensor(self.update_lenvm(batch))
+        return stats
+
+    def update_lenvm(self, batch: dict[str, Any]) -> float:
+        """One online LenVM update on the rollout batch; returns its mean loss."""
+        targets = length_value_targets(
+            batch["length_values"], batch["response_mask"], self.lenvm_gamma, batch["terminated"]
+        )
+        average = (
+            (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
+        )
+        return update_lenvm_online(
+            self.lenvm,
+            self.lenvm_optimizer,
+            batch["query_responses"],
+            batch["attention_mask"],
+            batch["context_length"] - 1,
+            targets,
+            batch["response_mask"],
+            micro_batch_size=self.args.per_device_train_batch_size,
+            epochs=self.args.lenvm_update_epochs,
+            average_gradients=average,
+        )
+
+    # ------------------------------------------------------------------ checkpoints of an online LenVM
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """[`PPOTrainer._save`]; an online LenVM is saved too, in `lenvm/` (a frozen one never changes: not saved)."""
+        super()._save(output_dir, state_dict)
+        if self.lenvm_optimizer is not None and self.args.should_save:
+            self.lenvm.save_pretrained(
+                os.path.join(output_dir or self.args.output_dir, LENVM_DIR), self.processing_class
+            )
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.lenvm_optimizer is not None and self.args.should_save:
+            torch.save(self.lenvm_optimizer.state_dict(), os.path.join(output_dir, LENVM_OPTIMIZER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.lenvm_optimizer is not None:
+            saved = LengthValueModel.from_pretrained(os.path.join(resume_from_checkpoint, LENVM_DIR))
+            self.lenvm.load_state_dict(saved.state_dict())
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.lenvm_optimizer is not None and checkpoint is not None:
+            state = torch.load(os.path.join(checkpoint, LENVM_OPTIMIZER_NAME), map_location=self.accelerator.device)
+            self.lenvm_optimizer.load_state_dict(state)
+
     # ------------------------------------------------------------------ 7. log
 
     def gather_metrics(self, batch: dict[str, Any], stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -304,6 +397,8 @@ class LenVMPPOTrainer(PPOTrainer):
             )
         )
         metrics["length/coef"] = float(batch["length_coef"])
+        if "lenvm_loss" in stats:
+            metrics["length/lenvm_loss"] = self.accelerator.gather(stats["lenvm_loss"][None]).mean().item()
         if "length_rewards" in batch:
             metrics["length/rewards_mean"] = self.accelerator.gather(batch["length_rewards"].sum(1)).mean().item()
         return metrics
