@@ -365,3 +365,47 @@ def test_supported_features_train(tmp_path, tokenizer, policy_dir, feature):
     assert any(0 < frac < 1 for frac in truncated)  # finished and cut completions in the same batch
     if args.beta:
         assert all(log["kl"] >= 0 for log in logs)
+
+
+# ---------------------------------------------------------------------------------------------- refreshed length critics
+
+
+def test_online_lenvm_moves_only_the_lenvm(tmp_path, tokenizer):
+    lenvm = make_lenvm()
+    before = snapshot(lenvm)
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        lenvm=lenvm,
+        length_coef=1.0,
+        lenvm_update="online",
+        lenvm_learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer.train()
+    assert changed(before, trainer.lenvm)
+    optimized = {id(param) for group in trainer.optimizer.param_groups for param in group["params"]}
+    assert not any(id(param) in optimized for param in trainer.lenvm.parameters())
+    assert any("length/lenvm_loss" in log for log in trainer.state.log_history)
+    checkpoint = next((tmp_path / "grpo").glob("checkpoint-*"))
+    assert (checkpoint / "lenvm" / "value_head.safetensors").is_file() and (
+        checkpoint / "lenvm_optimizer.pt"
+    ).is_file()
+
+
+def test_frozen_lenvm_is_byte_identical(tmp_path, tokenizer):
+    lenvm = make_lenvm()
+    before = snapshot(lenvm)
+    make_trainer(tmp_path, tokenizer, lenvm=lenvm, length_coef=1.0).train()
+    assert not changed(before, lenvm)
+
+
+def test_a_length_critic_without_pretraining_starts_from_the_policy(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, lenvm=None, length_coef=1.0, lenvm_init="policy", lenvm_update="online", lenvm_gamma=0.9
+    )
+    policy_embeddings = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings().weight
+    assert torch.equal(trainer.lenvm.backbone.get_input_embeddings().weight, policy_embeddings)
+    trainer.train()
+    assert any("length/lenvm_loss" in log for log in trainer.state.log_history)

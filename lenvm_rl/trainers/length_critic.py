@@ -33,7 +33,12 @@ from ..rl_math import LENGTH_COEF_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
+LENVM_DIR = "lenvm"  # checkpoint sub-folder of an online LenVM (a frozen one never changes and is not saved)
+LENVM_OPTIMIZER_NAME = "lenvm_optimizer.pt"
+
 __all__ = [
+    "LENVM_DIR",
+    "LENVM_OPTIMIZER_NAME",
     "LengthCriticConfigMixin",
     "length_metrics",
     "length_value_targets",
@@ -110,7 +115,8 @@ class LengthCriticConfigMixin:
     )
     length_lam: float = field(default=1.0, metadata={"help": "GAE lambda of the length advantage."})
     lenvm_update: Literal["frozen", "online"] = field(
-        default="frozen", metadata={"help": "frozen (the method) or online: refit the LenVM on each update's rollouts."}
+        default="frozen",
+        metadata={"help": "frozen (the method) or online: refit the LenVM on each update's rollouts."},
     )
     lenvm_init: Literal["pretrained", "policy"] = field(
         default="pretrained",

@@ -31,6 +31,7 @@ advantages. Re-check these three when moving the pin.
 """
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,18 @@ from ..core import length_advantages
 from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
 from ..rl_math import check_finite, combine_advantages, rms_normalize_length_advantages, scheduled_length_coef
 from .checkpointing import CompleteCheckpointsMixin
-from .length_critic import LengthCriticConfigMixin, length_metrics, lenvm_state_values, load_length_critic
+from .length_critic import (
+    LENVM_DIR,
+    LENVM_OPTIMIZER_NAME,
+    LengthCriticConfigMixin,
+    length_metrics,
+    length_value_targets,
+    lenvm_from_policy,
+    lenvm_state_values,
+    load_length_critic,
+    make_lenvm_optimizer,
+    update_lenvm_online,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +233,10 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
         )
         if self._is_vlm:
             raise ValueError("LenVMGRPOTrainer supports text-only policies: the LenVM reads text token ids only.")
-        check_lenvm_reads_policy_ids(lenvm, self._tokenizer, lenvm_processing_class)
+        if args.lenvm_init == "policy":  # the length critic without pretraining
+            lenvm = lenvm_from_policy(self.accelerator.unwrap_model(self.model), args.lenvm_gamma)
+        else:
+            check_lenvm_reads_policy_ids(lenvm, self._tokenizer, lenvm_processing_class)
 
         self.lenvm_gamma = lenvm.gamma
         self.length_gamma = args.length_gamma if args.length_gamma is not None else self.lenvm_gamma
@@ -231,6 +246,11 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
             self.lenvm = prepare_deepspeed(lenvm, self.accelerator)
         else:
             self.lenvm = self.accelerator.prepare_model(lenvm, evaluation_mode=True, device_placement=True)
+        self.lenvm_optimizer = None
+        if args.lenvm_update == "online":
+            if self.is_deepspeed_enabled:
+                raise ValueError("--lenvm_update online is not supported with DeepSpeed: use DDP, or a frozen LenVM.")
+            self.lenvm_optimizer = make_lenvm_optimizer(self.lenvm, args.lenvm_learning_rate)
         self._rollout_lengths = None  # (lengths, terminated) of the last `_generate` call
 
     def current_length_coef(self) -> float:
@@ -316,7 +336,50 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
             all_reduce=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
         )
         self._log_length_metrics(lengths, terminated, length_values, raw_length_advantages, loss_mask)
+        if self.lenvm_optimizer is not None and self.model.training:
+            self.update_lenvm(output, length_values, response_mask, terminated)
         return output
+
+    def update_lenvm(self, output: dict[str, Any], length_values, response_mask, terminated) -> None:
+        """With `lenvm_update="online"`: one refresh of the LenVM on this generation batch, after its length
+        advantages were computed with the LenVM as it was ([`~lenvm_rl.trainers.length_critic.update_lenvm_online`])."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # (B, P + T)
+        attention_mask = torch.cat([output["prompt_mask"], response_mask.to(output["prompt_mask"].dtype)], dim=1)
+        targets = length_value_targets(length_values, response_mask, self.lenvm_gamma, terminated)
+        average = (
+            (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
+        )
+        loss = update_lenvm_online(
+            self.lenvm,
+            self.lenvm_optimizer,
+            input_ids,
+            attention_mask,
+            output["prompt_ids"].size(1) - 1,
+            targets,
+            response_mask,
+            micro_batch_size=self.args.per_device_train_batch_size,
+            epochs=self.args.lenvm_update_epochs,
+            average_gradients=average,
+        )
+        self._metrics["train"]["length/lenvm_loss"].append(loss)
+
+    # ------------------------------------------------------------------ checkpoints of an online LenVM
+
+    def _save_checkpoint(self, model, trial):
+        """An online LenVM and its optimizer go into the checkpoint folder before it is marked complete."""
+        if self.lenvm_optimizer is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            self.lenvm.save_pretrained(os.path.join(folder, LENVM_DIR), self.processing_class)
+            torch.save(self.lenvm_optimizer.state_dict(), os.path.join(folder, LENVM_OPTIMIZER_NAME))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.lenvm_optimizer is not None:
+            saved = LengthValueModel.from_pretrained(os.path.join(resume_from_checkpoint, LENVM_DIR))
+            self.lenvm.load_state_dict(saved.state_dict())
+            state = torch.load(os.path.join(resume_from_checkpoint, LENVM_OPTIMIZER_NAME), map_location="cpu")
+            self.lenvm_optimizer.load_state_dict(state)
 
     # ------------------------------------------------------------------ 3. loss
 

@@ -19,6 +19,8 @@ from ..core import length_advantages, length_shaping_rewards
 from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
 from ..rl_math import add_length_advantages, scheduled_length_coef
 from .length_critic import (
+    LENVM_DIR,
+    LENVM_OPTIMIZER_NAME,
     LengthCriticConfigMixin,
     length_metrics,
     length_value_targets,
@@ -35,8 +37,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["LenVMPPOConfig", "LenVMPPOTrainer"]
 
 LENGTH_MODES = ("advantage", "shaping", "penalty", "none")
-LENVM_DIR = "lenvm"  # checkpoint sub-folder of an online LenVM
-LENVM_OPTIMIZER_NAME = "lenvm_optimizer.pt"
 
 
 @dataclass
