@@ -353,6 +353,8 @@ def test_lenvm_stays_frozen_and_out_of_checkpoints(tmp_path, tokenizer, length_m
         "length/advantages_mean",
         "length/advantages_std",
         "length/coef",
+        "length/stop_token_advantage_mean",
+        "length/other_token_advantage_mean",
     ):
         assert all(math.isfinite(entry[name]) for entry in logs), name
 

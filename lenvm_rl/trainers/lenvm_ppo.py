@@ -132,6 +132,9 @@ class LenVMPPOTrainer(PPOTrainer):
     - `length/response_tokens_mean`, `length/response_tokens_max`: response length `L`, stop token included.
     - `length/truncated_frac`: fraction of responses cut at `response_length` without a stop token.
     - `length/coef`: the coefficient of this update (after the schedule; 0 in `"none"` mode).
+    - `length/stop_token_advantage_mean`, `length/other_token_advantage_mean`: the final advantage of the stop-token
+      action (finished rows) and of every other response token: how much the update favours stopping.
+    - `length/lenvm_loss` (`lenvm_update="online"`): the online LenVM's regression loss.
     - `length/rewards_mean` (`"shaping"`, `"penalty"`): the per-response sum of the length rewards.
     - When the LenVM ran this update (advantage / shaping mode, coefficient != 0): `length/predicted_tokens_mean`, the mean of `values_to_lengths(v(s_0))` (the LenVM's predicted
       length at the prompt); `length/drift_ratio`, realised over predicted length, both averaged in value space
@@ -401,4 +404,17 @@ class LenVMPPOTrainer(PPOTrainer):
             metrics["length/lenvm_loss"] = self.accelerator.gather(stats["lenvm_loss"][None]).mean().item()
         if "length_rewards" in batch:
             metrics["length/rewards_mean"] = self.accelerator.gather(batch["length_rewards"].sum(1)).mean().item()
+        # The advantage of choosing the stop token (finished rows), against that of the other tokens: a length term
+        # whose credit lands on the stop token's neighbours can make stopping look bad (README, the PPO penalty row).
+        rows = torch.arange(len(mask), device=mask.device)
+        advantages = batch["advantages"]
+        stop = advantages[rows, batch["sequence_lengths"]][batch["terminated"]]
+        others = advantages.masked_fill(~mask, 0.0)
+        others[rows, batch["sequence_lengths"]] = 0.0
+        sums = torch.stack(
+            [stop.sum(), stop.new_tensor(stop.numel()), others.sum(), (mask.sum() - len(mask)).to(others)]
+        )
+        stop_sum, stop_count, other_sum, other_count = self.accelerator.gather(sums[None]).sum(0)
+        metrics["length/stop_token_advantage_mean"] = (stop_sum / stop_count.clamp(min=1)).item()
+        metrics["length/other_token_advantage_mean"] = (other_sum / other_count.clamp(min=1)).item()
         return metrics
