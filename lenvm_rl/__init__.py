@@ -14,7 +14,12 @@ from .core import (  # noqa: F401
     values_to_lengths,
 )
 from .data import DEFAULT_INSTRUCTION, load_gsm8k, make_conversational_prompt, prepare_prompt_dataset  # noqa: F401
-from .evaluation import evaluate_length_prediction, format_length_prediction_table, plot_length_prediction  # noqa: F401
+from .evaluation import (  # noqa: F401
+    evaluate_gsm8k,
+    evaluate_length_prediction,
+    format_length_prediction_table,
+    plot_length_prediction,
+)
 from .guidance import LengthGuidanceConfig, generate_with_length_guidance, guided_generate_completions  # noqa: F401
 from .length_tokens import completion_td_residuals, count_length_tokens, length_tokens_html, top_length_tokens  # noqa: F401
 from .metrics import (  # noqa: F401
@@ -35,8 +40,23 @@ from .modeling import (  # noqa: F401
     check_tokenizers_compatible,
     freeze_model,
     load_frozen_lenvm,
+    position_ids_from_mask,
 )
-from .rewards import extract_gsm8k_answer, gsm8k_accuracy_reward, gsm8k_format_reward  # noqa: F401
+from .rewards import (  # noqa: F401
+    extract_gsm8k_answer,
+    gsm8k_accuracy_reward,
+    gsm8k_format_reward,
+    kimi_length_reward,
+    length_penalty_reward,
+)
+from .rl_math import (  # noqa: F401
+    add_length_advantages,
+    check_finite,
+    combine_advantages,
+    rms_normalize_length_advantages,
+    scheduled_length_coef,
+)
+from .trainers.checkpointing import last_complete_checkpoint  # noqa: F401
 from .trainers.lenvm import LenVMConfig, LenVMTrainer  # noqa: F401
 from .trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer  # noqa: F401
 from .trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer  # noqa: F401
