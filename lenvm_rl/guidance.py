@@ -32,7 +32,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .candidates import CONSTRAINT_MODES, GuidanceMode, candidate_set, select_candidates
 from .generation import left_pad, tokenize_prompts
 from .kv_cache import forward_with_cache, keep_chosen_candidates, keep_rows, prefill
-from .modeling import LengthValueModel
+from .modeling import LengthValueModel, check_tokenizers_compatible
 
 __all__ = [
     "CandidateSamplingConfig",
@@ -285,6 +285,15 @@ def generate_with_length_guidance(
     guided = config.mode != "none"
     if guided and lenvm is None:
         raise ValueError(f"mode={config.mode!r} needs a LenVM; pass `lenvm` or use mode='none'.")
+    if guided:
+        policy_vocab = model.get_output_embeddings().weight.shape[0]
+        lenvm_vocab = lenvm.backbone.get_input_embeddings().num_embeddings
+        if lenvm_vocab < policy_vocab:
+            raise ValueError(
+                f"The LenVM embeds {lenvm_vocab} token ids but the policy can emit {policy_vocab}: it must read the "
+                "policy's token ids. Use a LenVM trained with the policy's tokenizer (check it with "
+                "lenvm_rl.check_tokenizers_compatible, or pass `lenvm_tokenizer` to guided_generate_completions)."
+            )
     if config.mode in CONSTRAINT_MODES:
         if target_lengths is None:
             raise ValueError(f"mode={config.mode!r} needs `target_lengths` (tokens, stop token included).")
@@ -380,6 +389,7 @@ def guided_generate_completions(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    lenvm_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> GuidedGeneration:
     """
     [`generate_with_length_guidance`] over a list of prompts: chat template, batches of similar length, one seed.
@@ -404,11 +414,16 @@ def guided_generate_completions(
             Seed of the generator shared by all batches.
         progress (`bool`, *optional*, defaults to `False`):
             Show a progress bar over batches.
+        lenvm_tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The LenVM's tokenizer: checked against `tokenizer` with [`~lenvm_rl.check_tokenizers_compatible`] (the
+            LenVM reads the policy's token ids). Without it only the embedding sizes are compared.
 
     Returns:
         [`GuidedGeneration`]: in the order of `prompts_messages`.
     """
     config = guidance_config or LengthGuidanceConfig()
+    if lenvm is not None and lenvm_tokenizer is not None:
+        check_tokenizers_compatible(tokenizer, lenvm_tokenizer)
     if config.stop_token_ids is None and model.generation_config.eos_token_id is None:
         config = dataclasses.replace(config, stop_token_ids=[tokenizer.eos_token_id])
     device = model.device

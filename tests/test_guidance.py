@@ -421,3 +421,27 @@ def test_recipes_end_to_end(tmp_path):  # about 6 s on 2 cores
                                                    output_dir=str(tmp_path / "lt"), min_count=1))  # fmt: skip
     assert out["num_tokens"] == sum(len(r["completion_ids"]) for r in records)
     assert (tmp_path / "lt" / "completion.html").read_text().count('class="tok"') == len(records[0]["completion_ids"])
+
+
+def test_a_lenvm_with_a_smaller_vocabulary_is_refused():
+    policy = make_tiny_causal_lm("llama", vocab_size=64)
+    lenvm = make_lenvm(vocab_size=16)  # reading the policy's ids 16..63 would be an IndexError mid-decoding
+    ids, mask = padded()
+    with pytest.raises(ValueError, match="The LenVM embeds 16 token ids but the policy can emit 64"):
+        generate_with_length_guidance(policy, ids, mask, lenvm, LengthGuidanceConfig(mode="tilt", beta=-1.0))
+
+
+def test_mismatched_lenvm_tokenizer_is_refused():
+    tokenizer = make_tiny_tokenizer()
+    other = make_tiny_tokenizer(extra_words=["zebra"])
+    other.add_special_tokens({"pad_token": "zebra"})
+    policy = make_tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="tokenizers are incompatible"):
+        guided_generate_completions(
+            policy,
+            tokenizer,
+            ["what is 1 + 1 ?"],
+            make_lenvm(),
+            LengthGuidanceConfig(mode="tilt", beta=-1.0),
+            lenvm_tokenizer=other,
+        )

@@ -127,6 +127,9 @@ def test_sign_dependent_sequence_options_are_refused(tmp_path, option, flag):
         ({"lenvm_gamma": 0.0}, "--lenvm_gamma"),
         ({"length_coef_schedule": "cosine"}, "--length_coef_schedule"),
         ({"length_coef_warmup_steps": -1}, "--length_coef_warmup_steps"),
+        ({"length_coef": float("nan")}, "--length_coef"),
+        ({"max_completion_length": 0}, "--max_completion_length"),
+        ({"lenvm_learning_rate": 0.0}, "--lenvm_learning_rate"),
     ],
 )
 def test_bad_length_options_name_the_flag(tmp_path, option, flag):

@@ -97,6 +97,8 @@ class LenVMGRPOConfig(LengthCriticConfigMixin, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         if self.length_coef != 0.0:
             if self.loss_type == "vespo":
                 raise ValueError(
