@@ -274,6 +274,24 @@ def test_train_save_and_reload(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).values, trainer.model.eval()(input_ids=ids).values)
 
 
+def test_trainable_layers_trains_only_the_head_and_the_last_layers(tmp_path):
+    args = tiny_args(
+        tmp_path, num_train_epochs=1, learning_rate=1e-3, optim="adamw_torch", gamma=0.9, trainable_layers=1
+    )
+    trainer = LenVMTrainer(str(_saved_backbone(tmp_path)), args=args, train_dataset=make_records(num=8))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], p.detach())}
+    assert moved and all(name.startswith(("v_head.", "backbone.layers.1.", "backbone.norm.")) for name in moved)
+    assert any(name.startswith("backbone.layers.1.") for name in moved) and any("v_head" in n for n in moved)
+    with pytest.raises(ValueError, match="exceeds the backbone's 2 layers"):
+        LenVMTrainer(
+            str(_saved_backbone(tmp_path)),
+            args=tiny_args(tmp_path, gamma=0.9, trainable_layers=3),
+            train_dataset=make_records(num=8),
+        )
+
+
 def _saved_backbone(tmp_path):
     path = tmp_path / "backbone"
     if not path.exists():

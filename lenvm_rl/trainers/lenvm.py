@@ -47,6 +47,10 @@ class LenVMConfig(TrainingArguments):
             re-tokenising the text with the LenVM's tokenizer.
         model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
             Keyword arguments for loading the backbone when `model` is a path (`dtype`, `attn_implementation`, ...).
+        trainable_layers (`int` or `None`, *optional*, defaults to `None`):
+            Train only the value head, the backbone's final norm and its last N decoder layers (the embeddings and
+            earlier layers stay frozen): a CPU-sized LenVM of a 100M+ backbone. `None` trains everything (the
+            paper's full fine-tune). Not combined with LoRA.
     """
 
     gamma: float | None = field(
@@ -72,6 +76,10 @@ class LenVMConfig(TrainingArguments):
     model_init_kwargs: dict | None = field(
         default=None, metadata={"help": "Backbone loading kwargs (dtype, attn_implementation) when model is a path."}
     )
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={"help": "Train only the head, final norm and last N decoder layers (None: everything)."},
+    )
     # Paper defaults (method doc section 3).
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial learning rate (paper: 2e-5)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Scheduler (paper: cosine)."})
@@ -87,6 +95,10 @@ class LenVMConfig(TrainingArguments):
             raise ValueError(f"--gamma must be in (0, 1) or None (percentile rule), got {self.gamma}")
         if not 0 < self.gamma_percentile <= 100:
             raise ValueError(f"--gamma_percentile must be in (0, 100], got {self.gamma_percentile}")
+        if self.trainable_layers is not None and self.trainable_layers < 0:
+            raise ValueError(
+                f"--trainable_layers must be >= 0 or None (train everything), got {self.trainable_layers}"
+            )
 
 
 class LenVMTrainer(CompleteCheckpointsMixin, Trainer):
@@ -132,8 +144,12 @@ class LenVMTrainer(CompleteCheckpointsMixin, Trainer):
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args)
 
         model, gamma = self._resolve_model_and_gamma(model, train_dataset, args)
+        if peft_config is not None and args.trainable_layers is not None:
+            raise ValueError("Use either LoRA (--use_peft) or --trainable_layers, not both.")
         if peft_config is not None:
             model = model.apply_lora(peft_config)
+        if args.trainable_layers is not None:
+            train_last_layers(model, args.trainable_layers)
 
         pad_token_id = processing_class.pad_token_id if processing_class is not None else model.config.pad_token_id
         if pad_token_id is None:
@@ -247,3 +263,26 @@ def _gamma_from_lengths(dataset, args) -> float:
         len(lengths),
     )
     return gamma
+
+
+def train_last_layers(model, num_layers: int) -> None:
+    """Freeze the LenVM's backbone except its final norm and last `num_layers` decoder layers (the head stays
+    trainable). Decoder-only backbones of transformers keep their layers in `.layers` (Llama, Qwen2, Mistral, ...)."""
+    backbone = model.backbone
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"--trainable_layers needs a backbone with a `.layers` list of decoder layers; {type(backbone).__name__} "
+            "has none. Train everything (unset it) or use LoRA."
+        )
+    if num_layers > len(layers):
+        raise ValueError(f"--trainable_layers {num_layers} exceeds the backbone's {len(layers)} layers.")
+    backbone.requires_grad_(False)
+    for layer in list(layers)[len(layers) - num_layers :]:
+        layer.requires_grad_(True)
+    if getattr(backbone, "norm", None) is not None:
+        backbone.norm.requires_grad_(True)
+    model.v_head.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Training the value head and the last %d layers: %d of %d parameters.", num_layers, trainable, total)
