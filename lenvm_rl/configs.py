@@ -131,38 +131,105 @@ class GSM8KScriptArguments:
 
 @dataclass
 class AblationArguments:
-    """Arguments of `recipes/ablate_length.py`; a grid left empty drops its rows."""
+    """
+    Arguments of `recipes/ablate_length.py`: which length methods run, their coefficient grids (a grid left empty
+    drops its rows), the seeds, and how the runs are launched.
+
+    Parameters:
+        base_config (`str`): YAML of the recipe every row starts from (with a LenVM and `num_eval_problems > 0`).
+        output_dir (`str`): Where each run's directory and `ablation.json` / `.md` / `.png` go.
+        trainer (`str`): `ppo` (`recipes/ppo_gsm8k.py`) or `grpo` (`recipes/grpo_gsm8k.py`).
+        methods (`list[str]` or `None`): Methods that run (default: every method of the trainer). PPO: `none`,
+            `penalty`, `correct_only_penalty`, `advantage`, `shaping`, `unpretrained`, `online`; GRPO: `grpo`,
+            `penalty`, `correct_only_penalty`, `kimi`, `overlong`, `advantage`, `unpretrained`, `online`.
+        seeds (`list[int]`): Seeds of every row; runs go seed by seed (every row of the first seed first).
+        penalty_coefs (`list[float]`): alpha grid of the sequence-level penalty `score - alpha * tokens`.
+        correct_only_penalty_coefs (`list[float]`): alpha grid of the same penalty on correct answers only.
+        advantage_coefs (`list[float]`): s grid of the frozen, pretrained LenVM advantage `A_task + s * A_len`.
+        shaping_coefs (`list[float]`): beta grid of LenVM potential shaping (PPO only).
+        unpretrained_coefs (`list[float]`): s grid of the length critic without pretraining (the policy's backbone
+            with a fresh head, trained online, with the gamma of the base config's LenVM).
+        online_coefs (`list[float]`): s grid of the pretrained LenVM refreshed online during RL.
+        kimi_coefs (`list[float]`): Weight grid of Kimi k1.5's group-relative length reward (GRPO only).
+        overlong_cache (`int` or `None`): Cache of the row with TRL's soft overlong punishment (GRPO only).
+        world_dir (`str` or `None`): The demo world (`outputs/demo/world`) the base config evaluates on: adds the
+            share of removable verbosity removed, against its most concise reference style.
+        max_steps (`int` or `None`): Overrides `max_steps` in every run.
+        num_parallel (`int`): Runs at once (one CPU thread each).
+        collect_only (`bool`): Launch nothing; summarise the runs finished so far.
+    """
+
+    # Method names per trainer (a plain class attribute, not a field). "none" / "grpo" is the row without length term.
+    METHODS = {
+        "ppo": ("none", "penalty", "correct_only_penalty", "advantage", "shaping", "unpretrained", "online"),
+        "grpo": ("grpo", "penalty", "correct_only_penalty", "kimi", "overlong", "advantage", "unpretrained", "online"),
+    }
 
     base_config: str = field(
         metadata={"help": "YAML of the recipe every row starts from (with a LenVM and num_eval_problems > 0)."}
     )
     output_dir: str = field(metadata={"help": "Where each run's directory, ablation.json/.md/.png go."})
     trainer: str = field(default="ppo", metadata={"help": "`ppo` (recipes/ppo_gsm8k.py) or `grpo` (grpo_gsm8k.py)."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of every row."})
+    methods: list[str] | None = field(
+        default=None, metadata={"help": "Methods that run (default: every method of the trainer)."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every row."})
     penalty_coefs: list[float] = field(
-        default_factory=lambda: [0.003, 0.01],
+        default_factory=lambda: [0.003, 0.01, 0.03],
         metadata={"help": "alpha grid of the sequence-level penalty `score - alpha * tokens`."},
+    )
+    correct_only_penalty_coefs: list[float] = field(
+        default_factory=lambda: [0.003, 0.01, 0.03],
+        metadata={"help": "alpha grid of the sequence-level penalty on correct answers only."},
     )
     advantage_coefs: list[float] = field(
         default_factory=lambda: [0.3, 1.0, 3.0],
-        metadata={"help": "s grid of the LenVM advantage `A_task + s * A_len`."},
+        metadata={"help": "s grid of the frozen LenVM advantage `A_task + s * A_len`."},
     )
     shaping_coefs: list[float] = field(
         default_factory=lambda: [1.0], metadata={"help": "beta grid of LenVM potential shaping (PPO only)."}
     )
+    unpretrained_coefs: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={"help": "s grid of the length critic without pretraining (fresh head, trained online)."},
+    )
+    online_coefs: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={"help": "s grid of the pretrained LenVM refreshed online during RL."},
+    )
+    kimi_coefs: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0],
+        metadata={"help": "Weight grid of Kimi k1.5's group-relative length reward (GRPO only)."},
+    )
     overlong_cache: int | None = field(
         default=128, metadata={"help": "GRPO only: a row with TRL's soft overlong punishment over this many tokens."}
     )
+    world_dir: str | None = field(
+        default=None,
+        metadata={"help": "The demo world the base config evaluates on: adds the removable-verbosity column."},
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Overrides max_steps in every run."})
     num_parallel: int = field(default=2, metadata={"help": "Runs at once (one CPU thread each)."})
+    collect_only: bool = field(
+        default=False, metadata={"help": "Launch nothing; summarise the runs finished so far."}
+    )
 
     def __post_init__(self):
-        if self.trainer not in ("ppo", "grpo"):
+        if self.trainer not in self.METHODS:
             raise ValueError(f"`trainer` must be one of ['grpo', 'ppo'], got {self.trainer!r}.")
+        known = self.METHODS[self.trainer]
+        if self.methods is None:
+            self.methods = list(known)
+        unknown = [method for method in self.methods if method not in known]
+        if unknown:
+            raise ValueError(f"--methods {unknown} are not {self.trainer} methods: pick from {list(known)}.")
         if not self.seeds:
             raise ValueError("`seeds` must not be empty.")
         if self.num_parallel < 1:
             raise ValueError("`num_parallel` must be at least 1.")
+        if self.overlong_cache is not None and self.overlong_cache < 1:
+            raise ValueError(f"--overlong_cache must be >= 1 (or None), got {self.overlong_cache}.")
+        null_to_none(self, "world_dir")
 
 
 # ---------------------------------------------------------------------- recipes/eval_gsm8k.py
@@ -294,6 +361,7 @@ class EvalLengthPredictionArguments:
         batch_size (`int`): Sequences per LenVM forward.
         max_prompt_length (`int` or `None`): Prompts longer than this are truncated from the left.
         max_length (`int` or `None`): Window of prompt + completion tokens; later states are not scored.
+        min_completions_per_prompt (`int`): Prompts with fewer finished completions leave the MRE (paper: several).
     """
 
     lenvm_path: str = field(metadata={"help": "Saved LenVM directory (ours or the reference format)."})
@@ -314,6 +382,9 @@ class EvalLengthPredictionArguments:
     )
     max_length: int | None = field(
         default=None, metadata={"help": "Window of prompt + completion tokens; later states are not scored."}
+    )
+    min_completions_per_prompt: int = field(
+        default=2, metadata={"help": "Prompts with fewer finished completions leave the MRE (paper: several)."}
     )
 
     def __post_init__(self):

@@ -22,6 +22,8 @@ import torch
 from .core import lengths_to_values, values_to_lengths
 
 __all__ = [
+    "fit_linear_prompt_length_baseline",
+    "remaining_length_baseline_errors",
     "PromptBoundaryMRE",
     "constant_baseline_value",
     "fit_prompt_length_regression",
@@ -296,6 +298,61 @@ def predict_prompt_length_regression(
         `torch.Tensor`: ``(P,)`` float64 predicted values.
     """
     return _log_prompt_length_design(prompt_lengths) @ coefficients.to(torch.float64)
+
+
+def fit_linear_prompt_length_baseline(
+    prompt_lengths: torch.Tensor | Sequence[int], lengths: torch.Tensor | Sequence[int]
+) -> torch.Tensor:
+    """The plain baseline: a least-squares line in token space, ``L ~ a + b * p`` (``p`` = prompt tokens).
+
+    Unlike [`fit_prompt_length_regression`] (which regresses the value-space return on ``log p``), this is the
+    predictor a reader has in mind when told "a linear regression on prompt length". Predict with
+    ``a + b * p`` clamped to at least 1 token and score it through `lengths_to_values`.
+
+    Example:
+        >>> fit_linear_prompt_length_baseline([10, 20, 30], [5, 7, 9])
+        tensor([3.0000, 0.2000], dtype=torch.float64)
+    """
+    p = torch.as_tensor(prompt_lengths).to("cpu", torch.float64)
+    y = torch.as_tensor(lengths).to("cpu", torch.float64)
+    if p.ndim != 1 or p.shape != y.shape or p.numel() == 0:
+        raise ValueError(f"need one completion length per prompt length, got {p.numel()} and {y.numel()}")
+    design = torch.stack([torch.ones_like(p), p], dim=1)  # (N, 2)
+    return torch.linalg.lstsq(design, y[:, None]).solution.squeeze(1)
+
+
+def remaining_length_baseline_errors(
+    train_lengths: torch.Tensor | Sequence[int],
+    lengths: torch.Tensor | Sequence[int],
+    fractions: Sequence[float],
+) -> torch.Tensor:
+    """Relative errors of the "mean remaining length given t tokens so far" baseline, at the positions of
+    [`relative_length_error_at_fractions`] (``t = round(f * L)``).
+
+        l_hat(t) = mean_{i: L_i > t} (L_i - t)          over the training lengths L_i
+        error    = |l_hat(t) - (L - t)| / (L - t)
+
+    The baseline knows how far the completion has got but nothing about its content; a LenVM should beat it
+    mid-completion. NaN where no training completion is longer than ``t`` or ``L - t < 1``.
+
+    Returns:
+        `torch.Tensor`: ``(B, F)`` float64.
+
+    Example:
+        >>> remaining_length_baseline_errors([2, 4], [4], [0.0, 0.5])  # t = 0: mean(2, 4) = 3 vs 4; t = 2: 2 vs 2
+        tensor([[0.2500, 0.0000]], dtype=torch.float64)
+    """
+    train = torch.as_tensor(train_lengths).to("cpu", torch.float64)
+    lengths = torch.as_tensor(lengths).to("cpu", torch.long)
+    fractions = torch.tensor([float(f) for f in fractions], dtype=torch.float64)
+    steps = torch.floor(fractions[None, :] * lengths[:, None] + 0.5)  # (B, F)
+    remaining = lengths[:, None] - steps  # (B, F)
+    longer = train[None, None, :] > steps[..., None]  # (B, F, N)
+    totals = ((train[None, None, :] - steps[..., None]) * longer).sum(-1)
+    counts = longer.sum(-1)
+    predicted = totals / counts.clamp(min=1)
+    errors = (predicted - remaining).abs() / remaining.clamp(min=1)
+    return errors.masked_fill((counts == 0) | (remaining < 1), math.nan)
 
 
 def _log_prompt_length_design(prompt_lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -46,6 +46,7 @@ def main(script_args: EvalLengthPredictionArguments) -> dict:
         batch_size=script_args.batch_size,
         max_prompt_length=script_args.max_prompt_length,
         max_length=script_args.max_length,
+        min_completions_per_prompt=script_args.min_completions_per_prompt,
     )
     results = {"args": asdict(script_args), **results}
 

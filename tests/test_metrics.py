@@ -8,10 +8,12 @@ import torch
 from lenvm_rl.core import lengths_to_values
 from lenvm_rl.metrics import (
     constant_baseline_value,
+    fit_linear_prompt_length_baseline,
     fit_prompt_length_regression,
     predict_prompt_length_regression,
     prompt_boundary_mre,
     relative_length_error_at_fractions,
+    remaining_length_baseline_errors,
     value_mse,
 )
 
@@ -203,3 +205,16 @@ def test_length_variance_explained_edge_cases():
     assert length_variance_explained([[5, 5], [5, 5]]) == 0.0  # no variance at all
     # Prompts with one completion are ignored.
     assert length_variance_explained([[1, 3], [11, 13], [100]]) == pytest.approx(49 / 51)
+
+
+def test_linear_prompt_length_baseline_by_hand():
+    a, b = fit_linear_prompt_length_baseline([1, 2, 3, 4], [3, 5, 7, 9]).tolist()  # L = 1 + 2 p exactly
+    assert a == pytest.approx(1.0) and b == pytest.approx(2.0)
+
+
+def test_remaining_length_baseline_by_hand_and_edges():
+    # train lengths 2, 4, 6; eval L = 4: t = 0 -> mean(2, 4, 6) = 4 vs 4; t = 1 -> mean(1, 3, 5) = 3 vs 3;
+    # t = 2 -> mean(2, 4) = 3 vs 2; t = 3 -> mean(1, 3) = 2 vs 1
+    errors = remaining_length_baseline_errors([2, 4, 6], [4], [0.0, 0.25, 0.5, 0.75])
+    torch.testing.assert_close(errors, torch.tensor([[0.0, 0.0, 1 / 2, 1.0]], dtype=torch.float64))
+    assert torch.isnan(remaining_length_baseline_errors([2], [8], [0.5]))[0, 0]  # no training completion that long

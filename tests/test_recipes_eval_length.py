@@ -113,6 +113,16 @@ def test_evaluation_excludes_and_counts_truncated_completions(lenvm):
         evaluate_length_prediction(lenvm, Dataset.from_list(records[:3]))
 
 
+def test_prompts_with_one_finished_completion_are_left_out(lenvm):
+    """The paper's ground truth is a mean over several completions of a prompt: one draw is not enough."""
+    records = make_rollout_records(num_prompts=3, per_prompt=3, seed=1)
+    for r in records[:2]:  # prompt 0 keeps one finished completion
+        r["completion_ids"][-1], r["finish_reason"] = 42, "length"
+    results = evaluate_length_prediction(lenvm, Dataset.from_list(records))
+    assert results["num_prompts"] == 2 and results["num_prompts_excluded"] == 1
+    assert evaluate_length_prediction(lenvm, Dataset.from_list(records), min_completions_per_prompt=1)["num_prompts"] == 3
+
+
 def test_evaluation_warns_about_another_generator(lenvm, caplog):
     records = make_rollout_records(num_prompts=2, per_prompt=2, seed=5)
     for r in records:
@@ -162,10 +172,12 @@ def test_eval_length_prediction_recipe(tmp_path, lenvm, capsys):
         "value_mse",
         "relative_length_error",
         "relative_length_error_counts",
+        "relative_length_error_remaining_baseline",
         "baselines",
         "per_prompt",
     }
-    assert set(results["prompt_mre"]) == {"lenvm", "constant", "prompt_length_regression"}
+    assert set(results["prompt_mre"]) == {"lenvm", "constant", "prompt_length_regression", "linear_prompt_length"}
+    assert list(results["relative_length_error_remaining_baseline"]) == ["0%", "25%", "50%", "75%"]
     assert list(results["relative_length_error"]) == ["0%", "25%", "50%", "75%"]
     assert results["gamma"] == GAMMA and results["args"]["batch_size"] == 4
     assert results["num_prompts"] == 5 and results["num_truncated_excluded"] == 3  # records 0, 5, 10 of file a

@@ -26,13 +26,15 @@ import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
-from ..core import values_to_lengths
+from ..core import lengths_to_values, values_to_lengths
 from ..metrics import (
     constant_baseline_value,
+    fit_linear_prompt_length_baseline,
     fit_prompt_length_regression,
     predict_prompt_length_regression,
     prompt_boundary_mre,
     relative_length_error_at_fractions,
+    remaining_length_baseline_errors,
     value_mse,
 )
 from ..targets import LenVMDataCollator, tokenize_rollouts
@@ -51,8 +53,9 @@ def evaluate_length_prediction(
     batch_size: int = 16,
     max_prompt_length: int | None = None,
     max_length: int | None = None,
+    min_completions_per_prompt: int = 2,
 ) -> dict:
-    """Score a LenVM's length predictions on held-out rollouts, next to two baselines.
+    """Score a LenVM's length predictions on held-out rollouts, next to three baselines.
 
     The LenVM runs once over every finished completion (prompt + completion, padded batches sorted by length,
     eval mode, no gradients); the value at the last prompt token is ``V(s_0)`` of that prompt, averaged over
@@ -72,6 +75,10 @@ def evaluate_length_prediction(
             Prompts longer than this are truncated from the left, as in pretraining (targets do not shift).
         max_length (`int`, *optional*):
             Window of prompt + completion tokens; states beyond it are not scored.
+        min_completions_per_prompt (`int`, *optional*, defaults to `2`):
+            Prompts with fewer finished completions are left out of the prompt-boundary MRE (and counted in
+            ``num_prompts_excluded``): the paper's ground truth is a mean over several completions; one completion's
+            length is a single noisy draw.
 
     Returns:
         `dict`: JSON-ready results:
@@ -80,13 +87,15 @@ def evaluate_length_prediction(
         - ``num_prompts`` (prompts scored), ``num_completions`` (finished completions scored),
           ``num_truncated_excluded`` (completions cut at the cap, left out), ``num_prompts_excluded`` (prompts
           without a finished completion), ``num_value_targets`` (positions in ``value_mse``);
-        - ``prompt_mre``: ``{"lenvm": ...}`` plus ``"constant"`` and ``"prompt_length_regression"`` with
-          ``train_dataset``;
+        - ``prompt_mre``: ``{"lenvm": ...}`` plus, with ``train_dataset``, ``"constant"``,
+          ``"prompt_length_regression"`` (value-space return on log prompt length) and ``"linear_prompt_length"``
+          (the plain least-squares line ``L ~ a + b p`` in tokens);
         - ``mean_true_length`` and ``mean_predicted_length`` (means over prompts of ``L_GT`` and the LenVM's
           ``L_hat``), ``mean_sampled_length`` (mean over completions);
         - ``value_mse``;
         - ``relative_length_error`` and ``relative_length_error_counts``, keyed ``"0%"``, ``"25%"``, ``"50%"``,
-          ``"75%"``;
+          ``"75%"`` (completions of the scored prompts), and ``relative_length_error_remaining_baseline`` (with
+          ``train_dataset``): the "mean remaining length given t tokens so far" baseline at the same positions;
         - ``baselines`` (``None`` without ``train_dataset``): ``constant_value``, ``constant_length``,
           ``regression_intercept``, ``regression_slope`` (of ``V = a + b log(prompt_length)``),
           ``num_train_completions``, ``num_train_truncated_excluded``;
@@ -127,6 +136,12 @@ def evaluate_length_prediction(
     groups: dict = {}
     for row, i in enumerate(finished):
         groups.setdefault(eval_records["prompt_id"][i], []).append(row)
+    groups = {key: members for key, members in groups.items() if len(members) >= min_completions_per_prompt}
+    if not groups:
+        raise ValueError(
+            f"No prompt has {min_completions_per_prompt} finished completions: sample more completions per prompt, "
+            "a larger max_new_tokens, or lower min_completions_per_prompt."
+        )
     prompt_ids = list(groups)
     rows = [torch.tensor(members) for members in groups.values()]
     prompt_values = torch.stack([start_values[r].mean() for r in rows])  # (P,)
@@ -143,7 +158,7 @@ def evaluate_length_prediction(
         "true_length": lenvm.true_lengths.tolist(),
         "predicted_length": lenvm.predicted_lengths.tolist(),
     }
-    baselines = None
+    baselines, remaining_errors = None, None
     if train_dataset is not None:
         train = _summarise_records(train_dataset)
         keep = [i for i, ok in enumerate(train["finished"]) if ok]
@@ -155,21 +170,34 @@ def evaluate_length_prediction(
         constant_result = prompt_boundary_mre(constant.expand(len(rows)), sampled_lengths, gamma)
         regression_values = predict_prompt_length_regression(coefficients, prompt_lengths)
         regression_result = prompt_boundary_mre(regression_values, sampled_lengths, gamma)
-        mre.update(constant=constant_result.mre, prompt_length_regression=regression_result.mre)
+        linear = fit_linear_prompt_length_baseline([train["prompt_length"][i] for i in keep], train_lengths)
+        linear_lengths = (linear[0] + linear[1] * torch.tensor(prompt_lengths, dtype=torch.float64)).clamp(min=1.0)
+        linear_result = prompt_boundary_mre(lengths_to_values(linear_lengths, gamma), sampled_lengths, gamma)
+        mre.update(
+            constant=constant_result.mre,
+            prompt_length_regression=regression_result.mre,
+            linear_prompt_length=linear_result.mre,
+        )
         per_prompt.update(
             constant_length=constant_result.predicted_lengths.tolist(),
             regression_length=regression_result.predicted_lengths.tolist(),
+            linear_length=linear_result.predicted_lengths.tolist(),
         )
+        scored = torch.cat(rows)  # the completions of the scored prompts
+        remaining_errors = remaining_length_baseline_errors(train_lengths, lengths[scored], POSITION_FRACTIONS)
         baselines = {
             "constant_value": float(constant),
             "constant_length": float(values_to_lengths(constant, gamma)),
             "regression_intercept": float(coefficients[0]),
             "regression_slope": float(coefficients[1]),
+            "linear_intercept": float(linear[0]),
+            "linear_slope": float(linear[1]),
             "num_train_completions": len(keep),
             "num_train_truncated_excluded": len(train["finished"]) - len(keep),
         }
 
     labels = [f"{f:.0%}" for f in POSITION_FRACTIONS]
+    scored_errors = fraction_errors[torch.cat(rows)]  # the completions of the scored prompts
     return {
         "gamma": gamma,
         "generator_model": model.generator_model,
@@ -183,8 +211,11 @@ def evaluate_length_prediction(
         "mean_predicted_length": float(lenvm.predicted_lengths.mean()),
         "mean_sampled_length": float(lengths.double().mean()),
         "value_mse": _finite_or_none(squared_error_sum / num_targets),
-        "relative_length_error": dict(zip(labels, map(_finite_or_none, fraction_errors.nanmean(0).tolist()))),
-        "relative_length_error_counts": dict(zip(labels, (~fraction_errors.isnan()).sum(0).tolist())),
+        "relative_length_error": dict(zip(labels, map(_finite_or_none, scored_errors.nanmean(0).tolist()))),
+        "relative_length_error_counts": dict(zip(labels, (~scored_errors.isnan()).sum(0).tolist())),
+        "relative_length_error_remaining_baseline": None
+        if remaining_errors is None
+        else dict(zip(labels, map(_finite_or_none, remaining_errors.nanmean(0).tolist()))),
         "baselines": baselines,
         "per_prompt": per_prompt,
     }
@@ -254,13 +285,23 @@ def _finite_or_none(x: float) -> float | None:
 
 def format_length_prediction_table(results: dict) -> str:
     """A small text table of the main numbers of [`evaluate_length_prediction`]'s results."""
-    names = {"lenvm": "LenVM", "constant": "constant baseline", "prompt_length_regression": "prompt-length regression"}
+    names = {
+        "lenvm": "LenVM",
+        "constant": "constant baseline",
+        "prompt_length_regression": "prompt-length regression (value ~ log p)",
+        "linear_prompt_length": "linear prompt-length baseline (L ~ p)",
+    }
     rows = [(f"prompt-boundary MRE, {names[key]}", _percent(value)) for key, value in results["prompt_mre"].items()]
     rows.append(
         ("value MSE (finished completions)", "n/a" if results["value_mse"] is None else f"{results['value_mse']:.4g}")
     )
+    baseline = results.get("relative_length_error_remaining_baseline") or {}
     rows += [
-        (f"relative length error at {label}", _percent(v)) for label, v in results["relative_length_error"].items()
+        (
+            f"relative remaining-length error at {label}",
+            _percent(v) + (f" (mean-remaining baseline {_percent(baseline[label])})" if label in baseline else ""),
+        )
+        for label, v in results["relative_length_error"].items()
     ]
     rows.append(
         (
