@@ -1,6 +1,7 @@
 """LenVMGRPOTrainer: the method doc's advantages on hand-built rollouts, equivalence with GRPOTrainer, frozen LenVM,
 checkpoints, refused options, and every supported GRPO feature on tiny models."""
 
+import logging
 import math
 
 import pytest
@@ -11,8 +12,8 @@ from safetensors import safe_open
 from trl import GRPOConfig, GRPOTrainer
 
 from lenvm_rl.modeling import LengthValueModel
-from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.rl_math import scheduled_length_coef
+from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
 GAMMA = 0.9
 
@@ -412,3 +413,19 @@ def test_a_length_critic_without_pretraining_starts_from_the_policy(tmp_path, to
     assert torch.equal(trainer.lenvm.backbone.get_input_embeddings().weight, policy_embeddings)
     trainer.train()
     assert any("length/lenvm_loss" in log for log in trainer.state.log_history)
+
+
+def test_a_task_reward_without_variance_warns_that_only_the_length_term_trains(tmp_path, tokenizer, caplog):
+    args = make_args(tmp_path, length_coef=1.0)
+    trainer = LenVMGRPOTrainer(
+        model=make_tiny_causal_lm("llama"),
+        reward_funcs=[lambda completions, **kwargs: [0.0] * len(completions)],
+        args=args,
+        train_dataset=make_dataset(),
+        processing_class=tokenizer,
+        lenvm=make_lenvm(),
+        lenvm_processing_class=tokenizer,
+    )
+    with caplog.at_level(logging.WARNING, logger="lenvm_rl.trainers.lenvm_grpo"):
+        trainer.train()
+    assert "only the length term trains the policy" in caplog.text

@@ -99,3 +99,13 @@ def test_config_rejects_values_that_make_no_sense(tmp_path, kwargs, flag):
 def test_a_stop_token_outside_the_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--stop_token_id 99999 is not a token of the policy"):
         make_trainer(tmp_path, lambda completions, **kwargs: [1.0] * len(completions), stop_token_id=99999)
+
+
+def test_a_task_reward_without_variance_warns(tmp_path, caplog):
+    def always_one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    with caplog.at_level(logging.WARNING, logger="lenvm_rl.trainers.ppo"):
+        make_trainer(tmp_path, always_one).train()
+    assert "All 2 task scores of update 0 equal 1" in caplog.text and "no variance" in caplog.text
+    assert caplog.text.count("no variance") == 1  # not repeated every update

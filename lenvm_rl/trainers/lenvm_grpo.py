@@ -314,6 +314,8 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
         where = f"optimizer step {self.state.global_step}"
         # TRL turns an infinite reward into NaN advantages without a word; stop before they reach the loss.
         check_finite(output["advantages"], f"GRPO advantages (group-normalised rewards) at {where}")
+        if self.args.length_coef != 0.0 and self.model.training:
+            self._warn_if_no_task_signal(output["advantages"], where)
         lengths, terminated = self._rollout_lengths
         self._rollout_lengths = None
         if self.args.length_coef == 0.0:  # plain GRPO: the LenVM is never run
@@ -341,6 +343,20 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
         if self.lenvm_optimizer is not None and self.model.training:
             self.update_lenvm(output, length_values, response_mask, terminated)
         return output
+
+    def _warn_if_no_task_signal(self, advantages: torch.Tensor, where: str) -> None:
+        """Every group's rewards were equal (all sequence advantages 0 on every process): only the length term trains.
+        Warned the first time and then every 20 such generation batches."""
+        if bool(self.accelerator.reduce(advantages.abs().sum(), reduction="sum") == 0):
+            self._no_signal_batches = getattr(self, "_no_signal_batches", 0) + 1
+            if self._no_signal_batches % 20 == 1:
+                logger.warning(
+                    "Every group's task rewards are equal at %s (%d such batches so far): the sequence advantage is 0, "
+                    "so only the length term trains the policy (it will just get shorter). Check the reward functions, "
+                    "or pick a task the policy solves sometimes.",
+                    where,
+                    self._no_signal_batches,
+                )
 
     def update_lenvm(self, output: dict[str, Any], length_values, response_mask, terminated) -> None:
         """With `lenvm_update="online"`: one refresh of the LenVM on this generation batch, after its length

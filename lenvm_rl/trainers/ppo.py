@@ -28,7 +28,6 @@ from trl.trainer.utils import (
     entropy_from_logits,
     pad,
     selective_log_softmax,
-    use_adapter,
 )
 
 from ..core import compute_gae
@@ -53,13 +52,14 @@ from .ppo_models import (
     tied_parameter_names,
 )
 from .reward_funcs import RewardFunc, load_reward_funcs, reward_func_names, rewards_to_tensor
+from .trl_compat import TRLPPOCompatMixin
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValueWrapper"]  # PPOConfig lives in ppo_config.py
 
 
-class PPOTrainer(CompleteCheckpointsMixin, Trainer):
+class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
     r"""
     PPO with a learned task critic for causal LMs (Schulman et al. 2017; Ziegler et al. 2019), built on
     `transformers.Trainer` (checkpointing, `report_to`, callbacks, mixed precision, DeepSpeed) and TRL's utilities.
@@ -105,7 +105,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
         data_collator (*optional*):
             Accepted for TRL 1.12 signatures and ignored: the trainer tokenises and pads prompts itself.
         eval_dataset (*optional*):
-            Accepted for TRL 1.12 signatures; unused.
+            Prompts (same columns as `train_dataset`) of the sample tables of [`~PPOTrainer.generate_completions`].
         optimizers (`tuple`, *optional*, defaults to `(None, None)`):
             Optimizer over the wrapper's parameters and scheduler; created from `args` by default.
         callbacks (`list[TrainerCallback]`, *optional*):
@@ -139,8 +139,16 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
       with one optimizer step (TRL 1.12 stepped every `gradient_accumulation_steps` micro-batches whatever the
       mini-batch boundaries); `max_grad_norm` clips the gradients (TRL 1.12 ignored it).
     - **Metrics.** Token-level statistics (`policy/*`, `val/ratio`) are masked means over real tokens; `logging_steps`
-      (default 1) selects the updates that log. `num_sample_generations` is accepted but no sample table is produced.
+      (default 1) selects the updates that log.
     - **Critic.** `value_model` may be omitted (built from the policy). Checkpoints save it under `value_model/`.
+    - **Config defaults.** `bf16` defaults to `False` and `activation_checkpointing` (`gradient_checkpointing`) to
+      off, `logging_steps` to 1 (TRL 1.12: `bf16=True` unless `fp16`, checkpointing on, 10, all ignored by its
+      trainer, which logged every update): here they take effect, so they are opt-in. The batch sizes set on `args`
+      (`batch_size`, `local_batch_size`, ...) are not settable fields.
+    - **TRL surface** ([`~lenvm_rl.trainers.trl_compat.TRLPPOCompatMixin`]). `generate_completions` decodes greedily
+      (TRL 1.12 sampled at temperature 0.01) and scores like training (all rewards, `missing_eos_penalty`);
+      `save_model` also writes the model card `README.md`; `eval_strategy` runs no evaluation (nor did TRL 1.12);
+      `state.episode` is not stored in `trainer_state.json` (it is `global_step * batch_size`).
     """
 
     _tag_names = ["trl", "ppo", "lenvm-rl"]
@@ -195,7 +203,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.is_peft_policy = is_peft_policy
+        self.is_peft_model = is_peft_policy
         if self.is_deepspeed_enabled and args.num_mini_batches > 1:
             raise ValueError(
                 "--num_mini_batches > 1 is not supported with DeepSpeed yet: its gradient accumulation spans "
@@ -226,12 +234,21 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
             pad_token_id=self.pad_token_id,
         )
 
-        # Batch sizes (TRL's names): rollouts per process and per update, micro-batches per optimizer step.
-        self.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        self.batch_size = self.local_batch_size * self.accelerator.num_processes
-        self.local_mini_batch_size = self.local_batch_size // args.num_mini_batches
-        total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
-        self.num_updates = math.ceil(total_episodes / self.batch_size)
+        # Batch sizes (TRL's names), also set on `args` as TRL 1.12 did: its scripts and callbacks read them there.
+        world = self.accelerator.num_processes
+        args.local_batch_size = self.local_batch_size = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps
+        )
+        args.batch_size = self.batch_size = self.local_batch_size * world
+        args.local_mini_batch_size = self.local_mini_batch_size = self.local_batch_size // args.num_mini_batches
+        args.mini_batch_size = self.batch_size // args.num_mini_batches
+        args.micro_batch_size = args.per_device_train_batch_size * world
+        args.total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
+        args.num_total_batches = self.num_updates = math.ceil(args.total_episodes / self.batch_size)
+        self.sample_generations_freq = (
+            max(1, self.num_updates // args.num_sample_generations) if args.num_sample_generations > 0 else 0
+        )
+        self.state.episode = 0
         self._permutation_epoch, self._permutation = None, None
 
     # ------------------------------------------------------------------ the update loop
@@ -244,6 +261,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
         updates_per_epoch = max(1, len(self.train_dataset) // self.batch_size)
         num_epochs = math.ceil(self.num_updates / updates_per_epoch)
         self._init_training_state(self.num_updates, updates_per_epoch, num_epochs, resume_from_checkpoint, trial)
+        self.state.episode = self.state.global_step * self.batch_size
         model, _ = self._prepare_for_training(self.num_updates, None, resume_from_checkpoint)
         self._prepare_frozen_models()
         self._load_rng_state(resume_from_checkpoint)  # after all set-up, so the run continues bit for bit
@@ -266,6 +284,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
 
         for update in range(self.state.global_step, self.num_updates):
+            self.state.episode += self.batch_size  # TRL counts the rollouts of the update in progress
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             inputs = self.get_rollout_inputs(update)
             with torch.no_grad():
@@ -292,6 +311,8 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
             if self.control.should_save:
                 self._save_checkpoint(model, trial)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self.sample_generations_freq and update % self.sample_generations_freq == 0:
+                self.generate_completions(sampling=True)
             if self.control.should_training_stop:
                 break
 
@@ -346,11 +367,15 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
         prompt_ids = self.processing_class(text=texts, add_special_tokens=False)["input_ids"]
         return prompts, prompt_ids
 
-    def generate_rollouts(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    def generate_rollouts(
+        self, inputs: list[dict[str, Any]], generation_config: GenerationConfig | None = None
+    ) -> dict[str, Any]:
         """Sample one response per prompt and cut it after its first stop token.
 
         Args:
             inputs (`list[dict]`): this process's dataset rows.
+            generation_config ([`~transformers.GenerationConfig`], *optional*): replaces the sampling configuration
+                (the greedy one of [`~PPOTrainer.generate_completions`]).
 
         Returns:
             `dict`: the rollout batch: `prompts` (raw), `columns` (every dataset column but `prompt`, as lists),
@@ -379,7 +404,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
                 output = unwrapped.policy.generate(
                     input_ids=queries[i : i + chunk],
                     attention_mask=query_mask[i : i + chunk],
-                    generation_config=self.generation_config,
+                    generation_config=generation_config or self.generation_config,
                 )
                 generated = output[:, context_length:]
                 responses.append(nn.functional.pad(generated, (0, T - generated.shape[1]), value=self.pad_token_id))
@@ -448,7 +473,25 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
         scores = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
         if self.args.missing_eos_penalty is not None:
             scores = scores - self.args.missing_eos_penalty * (~batch["terminated"]).float()
+        all_scores = self.accelerator.gather(scores)
+        if all_scores.numel() > 1 and bool((all_scores == all_scores[0]).all()):
+            self._warn_constant_scores(float(all_scores[0]))
         return {"rewards_per_func": rewards_per_func, "scores": scores}
+
+    def _warn_constant_scores(self, score: float) -> None:
+        """Every rollout of the update got the same task score: the task gives no signal (only the KL and any length
+        term train). Warned the first time and then every 20 such updates."""
+        self._constant_score_updates = getattr(self, "_constant_score_updates", 0) + 1
+        if self._constant_score_updates % 20 == 1:
+            logger.warning(
+                "All %d task scores of update %d equal %g (%d such updates so far): the task reward has no variance, so "
+                "only the KL penalty and any length term move the policy. Check the reward functions, or pick a task "
+                "the policy solves sometimes.",
+                self.batch_size,
+                self.state.global_step,
+                score,
+                self._constant_score_updates,
+            )
 
     def _reward_model_scores(self, reward_model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """A sequence classifier's score at each response's last real token, on the policy's token ids."""
@@ -492,9 +535,8 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
             if self.ref_model is not None:
                 logits = self.ref_model(**kwargs).logits
             else:
-                policy = self.accelerator.unwrap_model(self.model_wrapped).policy
-                with use_adapter(policy, self.args.ref_adapter_name):
-                    logits = policy(**kwargs).logits
+                with self.null_ref_context():
+                    logits = self.policy_model(**kwargs).logits
         return logits[:, :-1].float() / self.args.temperature
 
     def compute_values(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -646,7 +688,7 @@ class PPOTrainer(CompleteCheckpointsMixin, Trainer):
         gather = self.accelerator.gather
         mask = batch["response_mask"]
         non_score_reward = batch["non_score_rewards"].sum(1)  # (B,)
-        episode = self.state.global_step * self.batch_size
+        episode = self.state.episode
         ratio = gather(stats["ratio"])
         metrics = {
             "eps": int(episode / max(time.time() - self._start_time, 1e-9)),
