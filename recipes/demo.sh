@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=outputs/demo
 step() { printf '\n=== %s [%s] ===\n' "$*" "$(date +%T)"; }
 
-step "1/7 demo world (tokenizer, problems, SFT policy): cached after the first build"
+step "1/7 demo world (problems + the SFT policy shipped with lenvm-rl; add --rebuild to train it, ~7 min): cached"
 $PY -m lenvm_rl.demo build --output_dir "$OUT/world"
 $PY -m lenvm_rl.demo measure --world_dir "$OUT/world" --output_dir "$OUT"
 

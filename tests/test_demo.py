@@ -1,11 +1,13 @@
-"""The offline demo world: problems, solutions, tokenizer, the cached atomic build and the measurement."""
+"""The offline demo world: problems, solutions, tokenizer, the cached atomic build (training path) and the measurement.
+
+The default build copies the shipped policy; tests/test_demo_shipped.py covers that path.
+"""
 
 import json
 import operator
 import random
 import re
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,16 +21,15 @@ from lenvm_rl.demo import (
     demo_prompt,
     demo_rows,
     generate_demo_problems,
-    measure_demo_policy,
     write_demo_solution,
 )
 from lenvm_rl.demo import world as demo_world
 from lenvm_rl.demo.__main__ import main as demo_main
-from lenvm_rl.demo.measure import _data_length_stats
-from lenvm_rl.demo.tokenizer import _vocabulary_texts
+from lenvm_rl.demo.measure import reference_length_stats
+from lenvm_rl.demo.tokenizer import demo_vocabulary_texts
 from lenvm_rl.rewards import extract_gsm8k_answer, gsm8k_format_reward
 
-# A world small enough to build in seconds: a few SFT steps of a one-layer model.
+# A world small enough to build in seconds: a few SFT steps of a one-layer model (trained: no shipped policy for it).
 TINY_CONFIG = dict(
     num_train_problems=64,
     num_test_problems=8,
@@ -40,6 +41,7 @@ TINY_CONFIG = dict(
     per_device_train_batch_size=8,
     warmup_steps=1,
     number_embedding_frequencies=8,
+    rebuild=True,
 )
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 
@@ -51,7 +53,7 @@ def problems():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_demo_tokenizer(_vocabulary_texts())
+    return build_demo_tokenizer(demo_vocabulary_texts())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_solutions_are_deterministic_per_seed(problems):
 
 
 def test_data_lengths_are_long_tailed_and_partly_explained_by_the_prompt(problems, tokenizer):
-    stats = _data_length_stats(problems, tokenizer, seed=0)
+    stats = reference_length_stats(problems, tokenizer, seed=0)
     assert stats["p99"] >= 4 * stats["median"]
     assert 0.15 <= stats["prompt_share"] <= 0.45
 
@@ -164,6 +166,7 @@ def tiny_world(tmp_path_factory):
 def test_tiny_world_is_loadable(tiny_world):
     info = json.loads((tiny_world / "build_info.json").read_text())
     assert info["seed"] == 0 and info["config"]["max_steps"] == 2
+    assert info["policy"] == {"source": "trained"}
     assert set(info["versions"]) >= {"torch", "transformers", "trl", "tokenizers"}
     model = AutoModelForCausalLM.from_pretrained(tiny_world / "policy")
     tokenizer = AutoTokenizer.from_pretrained(tiny_world / "policy")
@@ -218,7 +221,8 @@ def test_config_validation():
 def test_cli_build_hits_the_cache_and_measure_writes_stats(tiny_world, tmp_path, capsys):
     flags = [f"--{key}={value}" for key, value in TINY_CONFIG.items()]
     demo_main(["build", "--output_dir", str(tiny_world), *flags])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_parameters"] > 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_parameters"] > 0 and summary["policy"] == "trained"
 
     out = tmp_path / "stats"
     demo_main(
@@ -233,18 +237,6 @@ def test_cli_build_hits_the_cache_and_measure_writes_stats(tiny_world, tmp_path,
     assert stats["lengths"]["max"] <= 8
     assert {"mean", "median", "p90", "p99", "max"} <= set(stats["lengths"])
     assert {"fraction_truncated", "mean_within_prompt_std", "prompt_explained_variance"} <= set(stats)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The real world (slow: about 6 minutes of SFT on 2 cores, then sampling)
-
-
-@pytest.mark.slow
-def test_full_world_solves_80_percent_at_temperature_1(tmp_path):
-    world = build_demo_world(tmp_path / "world", seed=0)
-    stats = measure_demo_policy(world, tmp_path / "stats", num_problems=200, num_samples=2)
-    assert stats["accuracy"]["overall"] >= 0.8
-    assert stats["lengths"]["p99"] >= 3 * stats["lengths"]["median"]
-    assert stats["mean_within_prompt_std"] > 0
-    assert stats["fraction_truncated"] < 0.01
-    assert np.isfinite(stats["prompt_explained_variance"])
+    # Not the shipped policy: nothing to check against, and the output says so.
+    assert stats["check"] == {"skipped": "the measured policy is not the one shipped with lenvm-rl"}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("expected ranges not checked")

@@ -1,8 +1,9 @@
 """The demo world's tokenizer: word-level, trained with `tokenizers`, every integer 0..199 one token.
 
 [`build_demo_tokenizer`] trains it on a corpus and wraps it for `transformers` with the chat template
-`<|role|>content<|end|>`; `_vocabulary_texts` is the fixed corpus that covers every word the problem generator
-can write, so a world's tokenizer never meets an unknown word in demo text whatever its seed and size.
+`<|role|>content<|end|>`. A world's tokenizer is trained on its training data plus [`demo_vocabulary_texts`], a
+fixed corpus that covers every word the problem generator can write, so it never meets an unknown word in demo
+text whatever the world's seed and size.
 """
 
 import itertools
@@ -22,6 +23,7 @@ __all__ = [
     "DEMO_SPECIAL_TOKENS",
     "DEMO_UNK_TOKEN",
     "build_demo_tokenizer",
+    "demo_vocabulary_texts",
 ]
 
 DEMO_PAD_TOKEN, DEMO_EOS_TOKEN, DEMO_UNK_TOKEN = "<pad>", "<|end|>", "<unk>"
@@ -80,7 +82,7 @@ def build_demo_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _vocabulary_texts() -> Iterator[str]:
+def demo_vocabulary_texts() -> Iterator[str]:
     """A fixed corpus in which every word the generator can write occurs, whatever the world's seed and size."""
     problems = generate_demo_problems(2000, seed=-1, id_prefix="vocabulary")
     rng = random.Random("demo-vocabulary")

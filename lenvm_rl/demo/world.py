@@ -2,8 +2,9 @@
 
 A world is a directory with `policy/` (a tiny Llama-style policy and its tokenizer), `data/train.jsonl`,
 `data/test.jsonl` and `build_info.json`. This module owns [`DemoWorldConfig`], the policy's construction and
-initialization, the SFT run with TRL's `SFTTrainer`, and the fingerprint that decides whether a built world is
-reused.
+initialization, the SFT run with TRL's `SFTTrainer`, the fingerprint that decides whether a built world is
+reused, and the choice between the two ways a world gets its policy: a checked copy of the policy shipped with
+the package (the default, see `shipped.py`) or SFT from scratch (`rebuild=True`).
 """
 
 import datetime
@@ -18,7 +19,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,9 +28,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from ..io import write_json_atomic, write_jsonl_atomic
-from .measure import _data_length_stats
-from .problems import DEMO_INSTRUCTION, DEMO_SYSTEM_PROMPT, demo_prompt, demo_rows, generate_demo_problems
-from .tokenizer import DEMO_MAX_INTEGER, _vocabulary_texts, build_demo_tokenizer
+from .measure import reference_length_stats
+from .problems import DEMO_INSTRUCTION, DEMO_SYSTEM_PROMPT, DemoProblem, demo_prompt, demo_rows, generate_demo_problems
+from .shipped import copy_shipped_policy, file_sha256, load_shipped_manifest
+from .tokenizer import DEMO_MAX_INTEGER, build_demo_tokenizer, demo_vocabulary_texts
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +43,13 @@ class DemoWorldConfig:
     r"""
     Configuration of [`build_demo_world`]: data sizes, the policy's architecture and its SFT run.
 
-    The defaults build a 0.62M-parameter policy in about 7 minutes on 2 CPU cores (one SFT thread: the model is too
-    small for two to help) that solves about 90% of held-out problems at temperature 1.0 (99% greedily); see the
-    README for the measured figures. Many small steps beat fewer large ones here: batch 32 for 1500 steps, or
-    batch 8 for 3000, fitted the arithmetic far worse in the same time. Every field enters the fingerprint that
-    decides whether a built world is reused.
+    By default a world gets the policy shipped with the package, which was built once with seed 0 and these
+    defaults, because a build depends on the machine's floating-point path (the same arguments gave 89.5% accuracy
+    at temperature 1.0 on one machine and 73.3% on another). `rebuild=True` trains it from scratch instead: a
+    0.62M-parameter policy in about 7 minutes on 2 CPU cores (one SFT thread: the model is too small for two to
+    help); see the README for the measured figures. Many small steps beat fewer large ones here: batch 32 for 1500
+    steps, or batch 8 for 3000, fitted the arithmetic far worse in the same time. Every field but `rebuild` enters
+    the fingerprint that decides whether a built world is reused; which policy a world got enters it too.
 
     Parameters:
         num_train_problems (`int`, *optional*, defaults to `24000`):
@@ -74,6 +78,9 @@ class DemoWorldConfig:
             `0` keeps the plain random initialization.
         num_threads (`int`, *optional*, defaults to `1`):
             `torch.set_num_threads` during the build; results are reproducible for a given thread count.
+        rebuild (`bool`, *optional*, defaults to `False`):
+            Train the policy from scratch instead of copying the shipped one; required for any seed or config
+            other than the shipped policy's (seed 0, the defaults).
     """
 
     num_train_problems: int = field(
@@ -100,6 +107,13 @@ class DemoWorldConfig:
     )
     num_threads: int = field(
         default=1, metadata={"help": "torch.set_num_threads during the build; results are reproducible per count."}
+    )
+    rebuild: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the policy from scratch instead of copying the one shipped with the package (needed for "
+            "any seed or config but seed 0 and the defaults)."
+        },
     )
 
     def __post_init__(self):
@@ -204,9 +218,32 @@ DEMO_WORLD_FORMAT = 1  # bump when the generator or the build changes what a giv
 
 
 def _fingerprint(seed: int, config: DemoWorldConfig) -> str:
+    """Fingerprint of the world SFT builds for `(seed, config)`; `config.rebuild` does not enter it."""
     # A sample of the data is hashed too, so a change to the problem or solution generator invalidates old worlds.
     sample = demo_rows(generate_demo_problems(16, seed=seed), seed)
-    payload = {"format": DEMO_WORLD_FORMAT, "seed": seed, "config": asdict(config), "sample": sample}
+    fields = {name: value for name, value in asdict(config).items() if name != "rebuild"}
+    payload = {"format": DEMO_WORLD_FORMAT, "seed": seed, "config": fields, "sample": sample}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shipped_fingerprint(seed: int, config: DemoWorldConfig, manifest: dict) -> str:
+    """
+    Fingerprint of the world made from the shipped policy; a `ValueError` naming `--rebuild` when the shipped
+    policy was built for other arguments (or from other problems: the generator changed since it was shipped).
+    """
+    # The thread count changes how SFT runs, not which policy gets copied.
+    trained_fingerprint = _fingerprint(seed, replace(config, num_threads=manifest["config"]["num_threads"]))
+    if trained_fingerprint != manifest["fingerprint"]:
+        fields = {name: value for name, value in asdict(config).items() if name not in ("rebuild", "num_threads")}
+        differences = [f"{name}={value}" for name, value in fields.items() if manifest["config"].get(name) != value]
+        differences += [f"seed={seed}"] if seed != manifest["seed"] else []
+        reason = ", ".join(differences) or "problems the generator no longer writes the same way"
+        raise ValueError(
+            f"The demo policy shipped with lenvm-rl was built with seed {manifest['seed']} and the default config, "
+            f"not for {reason}: pass --rebuild (rebuild=True) to train a policy for these arguments."
+        )
+    # A copied policy is not the one SFT would give on this machine: another world, which changes with the files.
+    payload = {"trained": trained_fingerprint, "shipped_policy": manifest["files"]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -216,9 +253,10 @@ def _reuse_world(output_dir: Path, fingerprint: str) -> Path:
         raise ValueError(f"{output_dir} exists and is not a demo world (no build_info.json): pass another output_dir.")
     info = json.loads(info_path.read_text())
     if info.get("fingerprint") != fingerprint:
+        source = info.get("policy", {}).get("source", "trained")
         raise ValueError(
             f"{output_dir} holds a demo world built with other arguments (seed {info.get('seed')}, config "
-            f"{info.get('config')}): pass another output_dir, or delete it to rebuild."
+            f"{info.get('config')}, {source} policy): pass another output_dir, or delete it to rebuild."
         )
     logger.info("Reusing the demo world in %s (fingerprint %s).", output_dir, fingerprint)
     return output_dir
@@ -231,11 +269,16 @@ def build_demo_world(output_dir: str | os.PathLike, seed: int = 0, config: DemoW
     The directory holds `policy/` (the SFT policy and its tokenizer, loadable with `AutoModelForCausalLM` and
     `AutoTokenizer`), `data/train.jsonl` and `data/test.jsonl` (GSM8K columns `question`, `answer` plus `id`,
     `num_steps`, `style`, `theme`, `num_checks`, `start`, `operations`; test problems never occur in train) and
-    `build_info.json` (arguments, fingerprint, sizes, data length statistics, training metrics, build time,
-    versions).
+    `build_info.json` (arguments, fingerprint, sizes, data length statistics, training metrics, where the policy
+    comes from, build time, versions).
 
-    Caching: `build_info.json` stores a fingerprint of `(seed, config)`; an existing world with the same fingerprint
-    is returned as is, and one with another fingerprint raises a `ValueError` (it is never overwritten).
+    The policy: by default a copy of the one shipped with the package, after checking the sha256 of every file
+    against its manifest (a mismatch raises a `ValueError` naming the file) and that the generated problem files
+    are byte for byte those it was trained on; this needs seed 0 and the default config. With `config.rebuild`
+    it is trained here instead, which takes minutes and depends on the machine's floating-point path.
+    Caching: `build_info.json` stores a fingerprint of `(seed, config)` and, for a copied policy, of the shipped
+    files; an existing world with the same fingerprint is returned as is, and one with another fingerprint (other
+    arguments, or a policy made the other way) raises a `ValueError` (it is never overwritten).
     Atomicity: the world is built in a temporary directory next to `output_dir` and moved into place with one
     `os.replace`, so an interrupted build leaves no partial world. Determinism: a fixed number of SFT steps and
     seeded data, initialization and data order; bit-identical for the same seed, config, thread count and versions.
@@ -253,7 +296,10 @@ def build_demo_world(output_dir: str | os.PathLike, seed: int = 0, config: DemoW
     """
     config = config or DemoWorldConfig()
     output_dir = Path(output_dir)
-    fingerprint = _fingerprint(seed, config)
+    if config.rebuild:
+        fingerprint = _fingerprint(seed, config)
+    else:
+        fingerprint = _shipped_fingerprint(seed, config, load_shipped_manifest())
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         return _reuse_world(output_dir, fingerprint)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +328,10 @@ def _build_world_into(work_dir: Path, seed: int, config: DemoWorldConfig, finger
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     try:
-        # 1. Problems: the first `num_test_problems` are held out; questions are distinct, so the splits are disjoint.
+        # 1. The shipped policy, checked and copied first: a corrupted install fails before any other work.
+        manifest = None if config.rebuild else copy_shipped_policy(work_dir)
+
+        # 2. Problems: the first `num_test_problems` are held out; questions are distinct, so the splits are disjoint.
         problems = generate_demo_problems(config.num_test_problems + config.num_train_problems, seed=seed)
         test_problems, train_problems = problems[: config.num_test_problems], problems[config.num_test_problems :]
         train_rows, test_rows = demo_rows(train_problems, seed), demo_rows(test_problems, seed)
@@ -290,18 +339,11 @@ def _build_world_into(work_dir: Path, seed: int, config: DemoWorldConfig, finger
         write_jsonl_atomic(work_dir / "data" / "train.jsonl", train_rows)
         write_jsonl_atomic(work_dir / "data" / "test.jsonl", test_rows)
 
-        # 2. Tokenizer, trained on a fixed corpus that covers every word plus the training data.
-        train_texts = (text for row in train_rows for text in (row["question"], row["answer"]))
-        tokenizer = build_demo_tokenizer(itertools.chain(_vocabulary_texts(), train_texts))
-
-        # 3. Policy: SFT from a seeded random initialization.
-        model = _make_policy(config, tokenizer, seed)
-        metrics = _train_policy(model, tokenizer, train_rows, config, seed, work_dir / "sft")
-        shutil.rmtree(work_dir / "sft", ignore_errors=True)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(work_dir / "policy")
-        tokenizer.save_pretrained(work_dir / "policy")
+        # 3. Tokenizer and policy: trained here, or the shipped ones, which must have seen exactly these problems.
+        if manifest is None:
+            policy = _train_world_policy(work_dir, train_problems, train_rows, config, seed)
+        else:
+            policy = _shipped_world_policy(work_dir, seed, manifest)
 
         # 4. Build info, written last.
         info = {
@@ -311,23 +353,73 @@ def _build_world_into(work_dir: Path, seed: int, config: DemoWorldConfig, finger
             "config": asdict(config),
             "num_train_problems": len(train_rows),
             "num_test_problems": len(test_rows),
-            "vocab_size": len(tokenizer),
-            "num_parameters": model.num_parameters(),
             "prompt": {"system_prompt": DEMO_SYSTEM_PROMPT, "instruction": DEMO_INSTRUCTION},
-            "data_lengths": _data_length_stats(train_problems, tokenizer, seed),
-            "train_metrics": metrics,
+            **policy,
             "build_seconds": round(time.perf_counter() - start_time, 1),
             "num_threads": config.num_threads,
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {
-                "lenvm_rl": importlib.metadata.version("lenvm-rl"),
-                "python": platform.python_version(),
-                **{name: importlib.metadata.version(name) for name in _VERSIONED_PACKAGES},
-            },
+            "versions": _versions(),
         }
         write_json_atomic(work_dir / "build_info.json", info)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _train_world_policy(
+    work_dir: Path, train_problems: list[DemoProblem], train_rows: list[dict], config: DemoWorldConfig, seed: int
+) -> dict:
+    """Train the tokenizer and the policy into `work_dir/policy`; returns their entries of `build_info.json`."""
+    # Tokenizer, trained on a fixed corpus that covers every word plus the training data.
+    train_texts = (text for row in train_rows for text in (row["question"], row["answer"]))
+    tokenizer = build_demo_tokenizer(itertools.chain(demo_vocabulary_texts(), train_texts))
+
+    # Policy: SFT from a seeded random initialization.
+    model = _make_policy(config, tokenizer, seed)
+    metrics = _train_policy(model, tokenizer, train_rows, config, seed, work_dir / "sft")
+    shutil.rmtree(work_dir / "sft", ignore_errors=True)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(work_dir / "policy")
+    tokenizer.save_pretrained(work_dir / "policy")
+    return {
+        "vocab_size": len(tokenizer),
+        "num_parameters": model.num_parameters(),
+        "data_lengths": reference_length_stats(train_problems, tokenizer, seed),
+        "train_metrics": metrics,
+        "policy": {"source": "trained"},
+    }
+
+
+def _shipped_world_policy(work_dir: Path, seed: int, manifest: dict) -> dict:
+    """Check the generated problem files against the shipped policy's; returns its entries of `build_info.json`."""
+    for name, expected in manifest["data"].items():
+        if file_sha256(work_dir / name) != expected:
+            raise ValueError(
+                f"{name} generated for seed {seed} differs from the problems the shipped demo policy was trained "
+                "on (the generator changed since it was shipped): pass --rebuild, or re-ship the policy (see "
+                "lenvm_rl/demo/shipped.py)."
+            )
+    build = manifest["build"]
+    # Same problems, same tokenizer (both checked by hash): the build's statistics describe this world as they are.
+    return {
+        "vocab_size": build["vocab_size"],
+        "num_parameters": build["num_parameters"],
+        "data_lengths": build["data_lengths"],
+        "train_metrics": build["train_metrics"],
+        "policy": {
+            "source": "shipped",
+            "files": manifest["files"],
+            **{name: build[name] for name in ("built_at", "build_seconds", "num_threads", "versions")},
+        },
+    }
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "lenvm_rl": importlib.metadata.version("lenvm-rl"),
+        "python": platform.python_version(),
+        **{name: importlib.metadata.version(name) for name in _VERSIONED_PACKAGES},
+    }
 
 
 _VERSIONED_PACKAGES = ("torch", "transformers", "trl", "tokenizers", "datasets", "accelerate")
