@@ -14,8 +14,8 @@ Checkpoint layout. The reference implementation stores a LenVM as a plain Huggin
 exactly the keys ``v_head.fc.weight`` ``[H, H]``, ``v_head.fc.bias`` ``[H]``, ``v_head.summary.weight``
 ``[1, H]`` and ``v_head.summary.bias`` ``[1]``; it does not store gamma. [`LengthValueModel.save_pretrained`]
 writes exactly that layout, so the reference loaders read our checkpoints, and adds ``lenvm_config.json``
-(format version, gamma, generator model, data description), which is what makes gamma travel with the
-weights.
+(format version, gamma, generator model, data description, optional metrics), which is what makes gamma travel
+with the weights, and a model card ``README.md``.
 
 Why an ``nn.Module`` and not a ``PreTrainedModel`` subclass: ``PreTrainedModel`` ties a model class to one
 config class and one weight file layout, while a LenVM wraps *any* causal-LM backbone (its ``config`` is the
@@ -29,6 +29,7 @@ import copy
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from .lenvm_checkpoint import (
     resolve_gamma,
     save_lenvm_directory,
 )
+from .model_cards import lenvm_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -253,14 +255,17 @@ class LengthValueModel(nn.Module):
         return model.eval()
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> None:
-        """Save in the reference layout plus ``lenvm_config.json``, atomically.
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, tokenizer=None, metrics: dict[str, float] | None = None, **kwargs
+    ) -> None:
+        """Save in the reference layout plus ``lenvm_config.json`` and a model card, atomically.
 
         Written files: the backbone as a causal-LM checkpoint (``config.json`` naming the causal-LM class,
         weights under the causal-LM key names, sharded as ``transformers`` does; no ``lm_head.weight`` for
         untied models, since a LenVM never uses it and the reference loaders only warn about it),
-        ``value_head.safetensors`` with the four reference keys in float32, ``lenvm_config.json`` and, if
-        given, the tokenizer. With LoRA applied ([`~LengthValueModel.apply_lora`]) the adapters are merged
+        ``value_head.safetensors`` with the four reference keys in float32, ``lenvm_config.json``, ``README.md``
+        (backbone, generator model, gamma, data description, metrics; [`~lenvm_rl.model_cards.lenvm_model_card`])
+        and, if given, the tokenizer. With LoRA applied ([`~LengthValueModel.apply_lora`]) the adapters are merged
         into the saved weights (the live model keeps its adapters), so the result is a plain checkpoint
         every loader reads.
 
@@ -275,12 +280,60 @@ class LengthValueModel(nn.Module):
                 Target directory, created if needed.
             tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*):
                 Saved alongside, as hub checkpoints ship it.
+            metrics (`dict[str, float]`, *optional*):
+                Figures of this checkpoint (e.g. `{"eval_loss": ..., "prompt_boundary_mre": ...}`), recorded under
+                ``"metrics"`` in ``lenvm_config.json`` and in the card. They describe these weights only, so they are
+                not carried over when the loaded model is saved again.
             **kwargs:
                 Passed to the backbone's ``save_pretrained`` (e.g. ``max_shard_size``).
         """
-        save_lenvm_directory(save_directory, lambda directory: self._write_checkpoint(directory, tokenizer, **kwargs))
+        metrics = _check_metrics(metrics)
+        name = Path(save_directory).absolute().name
+        save_lenvm_directory(
+            save_directory, lambda directory: self._write_checkpoint(directory, tokenizer, metrics, name, **kwargs)
+        )
 
-    def _write_checkpoint(self, directory: Path, tokenizer, **kwargs) -> None:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        tokenizer=None,
+        metrics: dict[str, float] | None = None,
+        commit_message: str = "Upload Length Value Model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Upload the LenVM to the Hub: the files of [`~LengthValueModel.save_pretrained`] (its card's quick start
+        downloads from `repo_id`), written to a temporary folder and uploaded with `huggingface_hub`'s `upload_folder`.
+
+        Args:
+            repo_id (`str`): the model repository (`"user/name"`), created if needed.
+            tokenizer, metrics, **kwargs: as in [`~LengthValueModel.save_pretrained`].
+            commit_message (`str`, *optional*, defaults to `"Upload Length Value Model"`): the commit message.
+            private (`bool`, *optional*): visibility of a repository this call creates.
+            token (`str`, *optional*): a Hub token with write access (default: the logged-in one).
+            revision (`str`, *optional*): the branch to push to.
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the upload's commit.
+        """
+        from huggingface_hub import HfApi
+
+        metrics = _check_metrics(metrics)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            name = repo_id.split("/")[-1]
+            save_lenvm_directory(
+                Path(folder) / name,
+                lambda directory: self._write_checkpoint(directory, tokenizer, metrics, name, repo_id, **kwargs),
+            )
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=Path(folder) / name, commit_message=commit_message, revision=revision
+            )
+
+    def _write_checkpoint(self, directory: Path, tokenizer, metrics, name: str, repo_id=None, **kwargs) -> None:
         # A weightless causal-LM shell gives the reference layout through transformers' own writer: the
         # causal-LM class in config.json, its key names, tied-weight dedup, weight-conversion reversal, sharding.
         with torch.device("meta"):
@@ -302,7 +355,20 @@ class LengthValueModel(nn.Module):
             "generator_model": self.generator_model,
             "data_description": self.data_description,
         }
+        if metrics:
+            metadata["metrics"] = metrics
         write_json_atomic(directory / LENVM_CONFIG_NAME, metadata)
+        card = lenvm_model_card(
+            name=name,
+            backbone=self.config._name_or_path,
+            model_type=self.config.model_type,
+            generator_model=self.generator_model,
+            gamma=self.gamma,
+            data_description=self.data_description,
+            metrics=metrics,
+            repo_id=repo_id,
+        )
+        (directory / "README.md").write_text(card)
 
     @torch.no_grad()
     def _backbone_state_dict(self) -> dict[str, torch.Tensor]:
@@ -445,13 +511,15 @@ class LengthValueModel(nn.Module):
         """Disable activation (gradient) checkpointing in the backbone."""
         _unwrap_peft(self.backbone).activation_checkpointing_disable()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """Alias of [`~LengthValueModel.activation_checkpointing_enable`] (the name older callers use)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def gradient_checkpointing_disable(self) -> None:
-        """Alias of [`~LengthValueModel.activation_checkpointing_disable`]."""
-        self.activation_checkpointing_disable()
+def _check_metrics(metrics: dict | None) -> dict[str, float] | None:
+    """`metrics` as JSON-ready `{name: float}` (tensors and numpy scalars included), checked before anything is written."""
+    if metrics is None:
+        return None
+    try:
+        return {str(name): float(value) for name, value in metrics.items()}
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`metrics` must map names to numbers, got {metrics!r} ({error}).") from None
 
 
 def freeze_model(model: nn.Module) -> nn.Module:

@@ -374,18 +374,18 @@ def test_lora_trains_adapters_and_head_only_and_saves_merged(tmp_path, lenvm):
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
 
 
-def test_gradient_checkpointing_passthrough(lenvm):
+def test_activation_checkpointing_passthrough(lenvm):
     input_ids = token_ids(6)[0][None]
     with torch.no_grad():
         expected = lenvm(input_ids).values
     lenvm.train()
-    lenvm.gradient_checkpointing_enable()
+    lenvm.activation_checkpointing_enable()
     assert lenvm.backbone.is_activation_checkpointing
     values = lenvm(input_ids).values
     values.sum().backward()
     torch.testing.assert_close(values.detach(), expected)
     assert lenvm.backbone.layers[0].self_attn.q_proj.weight.grad is not None
-    lenvm.gradient_checkpointing_disable()
+    lenvm.activation_checkpointing_disable()
     assert not lenvm.backbone.is_activation_checkpointing
 
 

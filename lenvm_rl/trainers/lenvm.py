@@ -232,7 +232,12 @@ class LenVMTrainer(CompleteCheckpointsMixin, Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        model.save_pretrained(output_dir, tokenizer=self.processing_class)
+        # The last evaluation's figures go into lenvm_config.json and the model card.
+        evaluations = [log for log in self.state.log_history if "eval_loss" in log]
+        metrics = (
+            {key: value for key, value in evaluations[-1].items() if key.startswith("eval_")} if evaluations else None
+        )
+        model.save_pretrained(output_dir, tokenizer=self.processing_class, metrics=metrics)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

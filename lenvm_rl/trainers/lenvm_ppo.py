@@ -382,6 +382,25 @@ class LenVMPPOTrainer(PPOTrainer):
             state = torch.load(os.path.join(checkpoint, LENVM_OPTIMIZER_NAME), map_location=self.accelerator.device)
             self.lenvm_optimizer.load_state_dict(state)
 
+    def model_card_facts(self) -> dict[str, object]:
+        """[`PPOTrainer.model_card_facts`] plus the length critic: the LenVM used, its gamma, `length_mode` and
+        `length_coef` (with its schedule)."""
+        args = self.args
+        facts = super().model_card_facts()
+        if self.lenvm is not None:
+            lenvm = self.lenvm.module if self.is_deepspeed_enabled else self.lenvm
+            facts["LenVM"] = f"`{args.lenvm_model_name_or_path or lenvm.config._name_or_path or 'built in memory'}`"
+            if args.lenvm_init == "policy":
+                facts["LenVM"] = "the policy's backbone with a fresh head (`lenvm_init=policy`, no pretraining)"
+            facts["LenVM generator model"] = lenvm.generator_model or "not recorded"
+            facts["LenVM gamma"] = self.lenvm_gamma
+            facts["lenvm_update"] = args.lenvm_update
+        facts["length_mode"] = args.length_mode
+        facts["length_coef"] = (
+            f"{args.length_coef} ({args.length_coef_schedule}, {args.length_coef_warmup_steps} warm-up updates)"
+        )
+        return facts
+
     # ------------------------------------------------------------------ 7. log
 
     def gather_metrics(self, batch: dict[str, Any], stats: dict[str, torch.Tensor]) -> dict[str, float]:

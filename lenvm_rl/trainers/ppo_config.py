@@ -65,7 +65,10 @@ class PPOConfig(TrainingArguments):
         total_episodes (`int` or `None`, *optional*, defaults to `None`):
             Completions to sample in total; `None` means `num_train_epochs * len(train_dataset)`.
         num_sample_generations (`int`, *optional*, defaults to `10`):
-            Kept for TRL <= 1.12 scripts; sample tables are not generated yet.
+            Sample tables during training, evenly spaced over the updates (TRL's spacing: every
+            `max(1, num_total_batches // num_sample_generations)` updates, from the first): greedy completions of the
+            first `per_device_eval_batch_size` rows of `eval_dataset` with their scores
+            ([`~PPOTrainer.generate_completions`]). 0, or no `eval_dataset`, disables them.
         learning_rate (`float`, *optional*, defaults to `3e-6`):
             Learning rate of the policy and the critic (one optimizer).
         logging_steps (`float`, *optional*, defaults to `1`):
@@ -76,14 +79,32 @@ class PPOConfig(TrainingArguments):
             PEFT adapter of the policy, when the model holds several.
         ref_adapter_name (`str` or `None`, *optional*, defaults to `None`):
             PEFT adapter serving as the reference; `None` uses the policy with its adapters disabled.
+
+        > Fields that TRL <= 1.12 scripts read (the trainer itself never does)
+
         exp_name (`str`, *optional*, defaults to `"ppo_config"`):
-            Kept for TRL <= 1.12 scripts; unused by the trainer.
+            Name of the experiment, for scripts that name their runs after it (`run_name` names the run in the
+            `report_to` integrations).
         reward_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
-            Kept for TRL <= 1.12 scripts (they load their models from it); unused by the trainer.
+            Reward model that TRL's `ppo.py` / `ppo_tldr.py` load (as the reward and the value model); the trainer
+            takes models as arguments.
         sft_model_path (`str`, *optional*, defaults to `"EleutherAI/pythia-160m"`):
-            Kept for TRL <= 1.12 scripts; unused by the trainer.
+            Policy (and reference) that TRL's example scripts load.
         dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
-            Kept for TRL <= 1.12 scripts; unused by the trainer (prompts are tokenised per batch).
+            Processes of the scripts' `dataset.map` pre-tokenisation; the trainer tokenises prompts per batch.
+
+        > Set by the trainer at construction, under TRL 1.12's names (not settable)
+
+        local_batch_size (`int`):
+            Rollouts per process and update, `per_device_train_batch_size * gradient_accumulation_steps`.
+        batch_size (`int`):
+            Rollouts per update over all processes, `local_batch_size * world_size`.
+        local_mini_batch_size (`int`), mini_batch_size (`int`):
+            Rollouts per optimizer step, per process and over all processes (`/ num_mini_batches`).
+        micro_batch_size (`int`):
+            `per_device_train_batch_size * world_size`.
+        num_total_batches (`int`):
+            Updates of the run, `ceil(total_episodes / batch_size)`; `total_episodes` is filled in when `None`.
     """
 
     # Generation
@@ -120,7 +141,7 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "Completions to sample in total (None: num_train_epochs * dataset size)."}
     )
     num_sample_generations: int = field(
-        default=10, metadata={"help": "Kept for TRL <= 1.12 scripts; sample tables are not generated yet."}
+        default=10, metadata={"help": "Sample tables of greedy eval-set completions during training (0: none)."}
     )
     learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy and the critic."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X updates."})
@@ -132,14 +153,27 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "PEFT adapter of the reference (None: adapters disabled)."}
     )
     # Read by TRL <= 1.12 example scripts, never by the trainer.
-    exp_name: str = field(default="ppo_config", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
+    exp_name: str = field(
+        default="ppo_config", metadata={"help": "Experiment name (read by scripts, not the trainer)."}
+    )
     reward_model_path: str = field(
-        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
+        default="EleutherAI/pythia-160m",
+        metadata={"help": "Reward (and value) model that TRL's example scripts load; not read by the trainer."},
     )
     sft_model_path: str = field(
-        default="EleutherAI/pythia-160m", metadata={"help": "Kept for TRL <= 1.12 scripts; unused."}
+        default="EleutherAI/pythia-160m",
+        metadata={"help": "Policy that TRL's example scripts load; not read by the trainer."},
     )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Kept for TRL <= 1.12 scripts; unused."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes of the scripts' dataset pre-tokenisation; not read by the trainer."}
+    )
+    # Set by the trainer (TRL 1.12 filled the same names in); not init fields, so neither settable nor serialised.
+    local_batch_size: int | None = field(default=None, init=False)
+    batch_size: int | None = field(default=None, init=False)
+    local_mini_batch_size: int | None = field(default=None, init=False)
+    mini_batch_size: int | None = field(default=None, init=False)
+    micro_batch_size: int | None = field(default=None, init=False)
+    num_total_batches: int | None = field(default=None, init=False)
 
     def __post_init__(self):
         super().__post_init__()

@@ -77,12 +77,22 @@ class PolicyAndValueWrapper(nn.Module):
         values = score_per_token(self.value_model, input_ids, attention_mask, position_ids)
         return logits, values  # (B, logits_to_keep or L, V), (B, L)
 
-    # Activation checkpointing: `Trainer.train` enables it through the first method; TRL's generation context
-    # disables it around `generate` and re-enables it without arguments, so the settings are remembered.
+    # Activation checkpointing under transformers' names. `Trainer.train` enables it through the first method.
+    # TRL 1.16's generation context (`unwrap_model_for_generation`) still calls the pre-5.24 names, which transformers
+    # deprecates on its own models; here they delegate to the new names, for that caller only. It re-enables
+    # without arguments, so the settings are remembered.
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         self._checkpointing_kwargs = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
         for model in (self.policy, self.value_model):
             model.activation_checkpointing_enable(**self._checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self):
+        for model in (self.policy, self.value_model):
+            model.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.policy.is_activation_checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         if gradient_checkpointing_kwargs is None:
@@ -91,12 +101,11 @@ class PolicyAndValueWrapper(nn.Module):
             self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self):
-        for model in (self.policy, self.value_model):
-            model.activation_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.policy.is_activation_checkpointing
+        return self.is_activation_checkpointing
 
 
 def value_model_from_policy(policy: nn.Module) -> nn.Module:
