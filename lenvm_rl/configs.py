@@ -210,9 +210,7 @@ class AblationArguments:
     )
     max_steps: int | None = field(default=None, metadata={"help": "Overrides max_steps in every run."})
     num_parallel: int = field(default=2, metadata={"help": "Runs at once (one CPU thread each)."})
-    collect_only: bool = field(
-        default=False, metadata={"help": "Launch nothing; summarise the runs finished so far."}
-    )
+    collect_only: bool = field(default=False, metadata={"help": "Launch nothing; summarise the runs finished so far."})
 
     def __post_init__(self):
         if self.trainer not in self.METHODS:

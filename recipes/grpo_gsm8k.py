@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_policy(model, tokenizer, dataset, max_new_tokens: int, temperature: float, batch_size: int, seed: int):
-    """Accuracy, mean completion tokens (EOS included) and fraction cut at the cap, one sample per problem
+    """Accuracy, mean completion tokens (EOS included), fraction cut at the cap and the per-completion `lengths` and
+    `correct` lists (for bootstrap intervals over problems), one sample per problem
     ([`~lenvm_rl.evaluation.evaluate_gsm8k`])."""
     out = evaluate_gsm8k(
         model,
@@ -55,6 +56,7 @@ def evaluate_policy(model, tokenizer, dataset, max_new_tokens: int, temperature:
         "accuracy": out["accuracy"],
         "mean_tokens": out["mean_tokens"],
         "truncated_frac": out["fraction_truncated"],
+        **{key: out[key] for key in ("num_problems", "num_samples", "lengths", "correct")},
     }
 
 

@@ -127,6 +127,11 @@ class LengthCriticConfigMixin:
 
     def __post_init__(self):
         super().__post_init__()
+        # A flag cannot pass None: `--lenvm_model_name_or_path none` (or null, or "") unsets a YAML config's LenVM,
+        # e.g. for `--lenvm_init policy`.
+        path = self.lenvm_model_name_or_path
+        if isinstance(path, str) and path.strip().lower() in ("", "none", "null"):
+            self.lenvm_model_name_or_path = None
         if not math.isfinite(self.length_coef):
             raise ValueError(f"--length_coef must be a finite number, got {self.length_coef}")
         if self.length_coef_schedule not in LENGTH_COEF_SCHEDULES:
