@@ -227,7 +227,8 @@ def length_penalty_reward(coef: float, correct_only: bool = False):
             rewards = [reward * c for reward, c in zip(rewards, correct)]
         return rewards
 
-    length_penalty_reward.__name__ = "correct_length_penalty" if correct_only else "length_penalty"
+    # TRL logs a reward function under its name (`rewards/<name>/mean`).
+    length_penalty_reward.__name__ = "correct_length_penalty_reward" if correct_only else "length_penalty_reward"
     return length_penalty_reward
 
 

@@ -105,7 +105,8 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
                 results["before"] = _evaluate(model, tokenizer, eval_dataset, script_args, training_args)
             PartialState().wait_for_everyone()
 
-    trainer_class = LenVMGRPOTrainer if training_args.lenvm_model_name_or_path else CheckpointedGRPOTrainer
+    uses_length_critic = training_args.lenvm_model_name_or_path or training_args.lenvm_init == "policy"
+    trainer_class = LenVMGRPOTrainer if uses_length_critic else CheckpointedGRPOTrainer
     trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,

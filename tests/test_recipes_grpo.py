@@ -89,7 +89,15 @@ disable_tqdm: true
     assert type(trainer).__name__ == "LenVMGRPOTrainer" and trainer.state.global_step == 2
     assert json.loads((output_dir / "results.json").read_text()) == results
     for stage in ("before", "after"):
-        assert set(results[stage]) == {"accuracy", "mean_tokens", "truncated_frac"}
+        assert set(results[stage]) == {
+            "accuracy",
+            "mean_tokens",
+            "truncated_frac",
+            "lengths",
+            "correct",
+            "num_problems",
+            "num_samples",
+        }
         assert 1 <= results[stage]["mean_tokens"] <= 6
     rewards = {key for key in results["last_log"] if key.startswith("rewards/")}
     assert {"rewards/gsm8k_accuracy_reward/mean", "rewards/length_penalty_reward/mean"} <= rewards

@@ -201,7 +201,7 @@ def test_length_penalty_reward_by_hand_and_correct_only():
     assert length_penalty_reward(0.5)(completions=completions, completion_ids=ids, answer=answer) == [-5.0, -10.0]
     correct_only = length_penalty_reward(0.5, correct_only=True)
     assert correct_only(completions=completions, completion_ids=ids, answer=answer) == [-5.0, -0.0]
-    assert correct_only.__name__ == "correct_length_penalty"
+    assert correct_only.__name__ == "correct_length_penalty_reward"
 
 
 def test_kimi_length_reward_by_hand_per_group():
