@@ -388,10 +388,14 @@ class LenVMPPOTrainer(PPOTrainer):
         args = self.args
         facts = super().model_card_facts()
         if self.lenvm is not None:
-            lenvm = self.lenvm.module if self.is_deepspeed_enabled else self.lenvm
-            facts["LenVM"] = f"`{args.lenvm_model_name_or_path or lenvm.config._name_or_path or 'built in memory'}`"
+            # A DeepSpeed engine once training placed it.
+            lenvm = self.lenvm if isinstance(self.lenvm, LengthValueModel) else self.lenvm.module
             if args.lenvm_init == "policy":
                 facts["LenVM"] = "the policy's backbone with a fresh head (`lenvm_init=policy`, no pretraining)"
+            else:
+                facts["LenVM"] = (
+                    f"`{args.lenvm_model_name_or_path or lenvm.config._name_or_path or 'built in memory'}`"
+                )
             facts["LenVM generator model"] = lenvm.generator_model or "not recorded"
             facts["LenVM gamma"] = self.lenvm_gamma
             facts["lenvm_update"] = args.lenvm_update
