@@ -205,21 +205,25 @@ class TRLPPOCompatMixin:
         self,
         commit_message: str | None = "End of training",
         blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
         **kwargs,
     ):
         """Save the model into `args.output_dir`, write its card (with `dataset_name` and `tags`) and upload the folder
-        to `args.hub_model_id` (`checkpoint-*` folders excluded), as `Trainer.push_to_hub` does.
+        to `args.hub_model_id` (`checkpoint-*` folders excluded): `Trainer.push_to_hub` with TRL's card arguments.
 
         Args:
-            commit_message (`str`, *optional*, defaults to `"End of training"`): the commit message.
-            blocking (`bool`, *optional*, defaults to `True`): wait for the upload to finish.
+            commit_message, blocking, token, revision, private: as in `Trainer.push_to_hub`.
             dataset_name (`str`, *optional*): the training dataset's Hub id, for the card.
             tags (`str` or `list[str]`, *optional*): extra Hub tags, for the card.
-            **kwargs: `token`, `revision`, `private`, `model_name`, as in `Trainer.push_to_hub`.
+            **kwargs: passed on (`model_name`, the card's title).
         """
-        return super().push_to_hub(commit_message, blocking, dataset_name=dataset_name, tags=tags, **kwargs)
+        return super().push_to_hub(
+            commit_message, blocking, token, revision, private, dataset_name=dataset_name, tags=tags, **kwargs
+        )
 
 
 def lenvm_config_from(args: TrainingArguments, config_class: type) -> TrainingArguments:
