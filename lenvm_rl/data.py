@@ -6,15 +6,20 @@ tokenizer's chat template. The other columns are kept, so `answer` reaches rewar
 [`~lenvm_rl.rewards.gsm8k_accuracy_reward`].
 """
 
+import logging
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_INSTRUCTION",
+    "check_prompt_format",
     "load_gsm8k",
     "make_conversational_prompt",
     "prepare_prompt_dataset",
+    "prompt_format_of",
 ]
 
 DEFAULT_INSTRUCTION = 'Solve the problem step by step. Write the final answer on its own last line as "#### <number>".'
@@ -156,3 +161,39 @@ def prepare_prompt_dataset(
     return dataset.map(
         lambda example: {"prompt": make_conversational_prompt(example["question"], system_prompt, instruction)}
     )
+
+
+def prompt_format_of(prompt: list[dict[str, str]] | str, question: str | None) -> dict[str, str | None] | None:
+    """How a conversational prompt was built from its question: `{"system_prompt": ..., "instruction": ...}` (the
+    inverse of [`make_conversational_prompt`]); `None` when it cannot be told (a text prompt, no question, or a user
+    message that does not start with the question).
+
+    Example:
+        >>> prompt_format_of(make_conversational_prompt("What is 2 + 3?", "Be brief.", "End with #### N."), "What is 2 + 3?")
+        {'system_prompt': 'Be brief.', 'instruction': 'End with #### N.'}
+    """
+    if not isinstance(prompt, list) or not prompt or question is None:
+        return None
+    system = prompt[0]["content"] if prompt[0].get("role") == "system" else None
+    user = prompt[-1].get("content") or ""
+    if not user.startswith(question):
+        return None
+    return {"system_prompt": system, "instruction": user[len(question) :].strip() or None}
+
+
+def check_prompt_format(lenvm_prompt_format: dict | None, system_prompt: str | None, instruction: str | None) -> None:
+    """Warn when RL prompts are not built the way the LenVM's training prompts were: LenVM values are conditioned on
+    the prompt, so another system prompt or instruction shifts every predicted length."""
+    if not lenvm_prompt_format:
+        return
+    ours = {"system_prompt": system_prompt or None, "instruction": (instruction or "").strip() or None}
+    differing = {
+        key: (lenvm_prompt_format.get(key), ours[key]) for key in ours if lenvm_prompt_format.get(key) != ours[key]
+    }
+    if differing:
+        flags = ", ".join(f"--{key} (LenVM: {theirs!r}, here: {mine!r})" for key, (theirs, mine) in differing.items())
+        logger.warning(
+            "The RL prompts are not built like the LenVM's training prompts: %s. Its length predictions are "
+            "conditioned on the prompt; pass the same values (or retrain the LenVM on these prompts).",
+            flags,
+        )

@@ -154,6 +154,9 @@ class LengthValueModel(nn.Module):
             Name of the policy whose completions the LenVM learns to predict (values are policy-dependent).
         data_description (`str`, *optional*):
             Free text describing the prompts the LenVM was trained on.
+        prompt_format (`dict`, *optional*):
+            How its training prompts were built (`{"system_prompt": ..., "instruction": ...}`, see
+            [`~lenvm_rl.data.prompt_format_of`]); the RL recipes warn when theirs differ.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class LengthValueModel(nn.Module):
         gamma: float,
         generator_model: str | None = None,
         data_description: str | None = None,
+        prompt_format: dict | None = None,
     ):
         super().__init__()
         check_causal_lm_config(backbone.config, source=type(backbone).__name__)
@@ -170,6 +174,7 @@ class LengthValueModel(nn.Module):
         self.gamma = check_gamma(gamma)
         self.generator_model = generator_model
         self.data_description = data_description
+        self.prompt_format = prompt_format
         self.v_head = ValueHead(self.config.hidden_size).to(backbone.device)
         # A near-zero summary layer starts every value at -sigmoid(0) = -0.5 (about log(2)/(1-gamma) tokens)
         # instead of a random per-token guess; fc keeps PyTorch's default init so gradients still reach it.
@@ -248,6 +253,7 @@ class LengthValueModel(nn.Module):
             gamma,
             generator_model=metadata.get("generator_model"),
             data_description=metadata.get("data_description"),
+            prompt_format=metadata.get("prompt_format"),
         )
         with torch.no_grad():
             for name, param in model.v_head.named_parameters():
@@ -355,6 +361,8 @@ class LengthValueModel(nn.Module):
             "generator_model": self.generator_model,
             "data_description": self.data_description,
         }
+        if self.prompt_format is not None:
+            metadata["prompt_format"] = self.prompt_format
         if metrics:
             metadata["metrics"] = metrics
         write_json_atomic(directory / LENVM_CONFIG_NAME, metadata)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,10 +28,11 @@ from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 from trl.rewards import get_soft_overlong_punishment
 
 from lenvm_rl.configs import GRPOScriptArguments
-from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.data import check_prompt_format, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.io import write_json_atomic
+from lenvm_rl.lenvm_checkpoint import read_lenvm_config
 from lenvm_rl.rewards import gsm8k_accuracy_reward, kimi_length_reward, length_penalty_reward
 from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
@@ -70,6 +72,9 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
     train_dataset = prepare_prompt_dataset(train_dataset, script_args.system_prompt, script_args.instruction)
+    if training_args.lenvm_model_name_or_path:  # the LenVM's values are conditioned on how its prompts were built
+        lenvm_metadata = read_lenvm_config(Path(training_args.lenvm_model_name_or_path))
+        check_prompt_format(lenvm_metadata.get("prompt_format"), script_args.system_prompt, script_args.instruction)
     # The policy's loading kwargs: GRPOConfig's model_init_kwargs if set, otherwise ModelConfig's dtype / attention.
     model_kwargs = training_args.model_init_kwargs or {"dtype": model_args.dtype or "float32"}
     if training_args.model_init_kwargs is None and model_args.attn_implementation:

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from accelerate import PartialState
 from torch import nn
@@ -42,10 +43,11 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from trl.models.utils import unwrap_model_for_generation
 
 from lenvm_rl.configs import PPOScriptArguments
-from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
+from lenvm_rl.data import check_prompt_format, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.io import write_json_atomic
+from lenvm_rl.lenvm_checkpoint import read_lenvm_config
 from lenvm_rl.rewards import gsm8k_accuracy_reward, gsm8k_format_reward
 from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
@@ -68,6 +70,9 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
     train_dataset = prepare_prompt_dataset(train_dataset, script_args.system_prompt, script_args.instruction)
+    if training_args.lenvm_model_name_or_path:  # the LenVM's values are conditioned on how its prompts were built
+        lenvm_metadata = read_lenvm_config(Path(training_args.lenvm_model_name_or_path))
+        check_prompt_format(lenvm_metadata.get("prompt_format"), script_args.system_prompt, script_args.instruction)
     eval_dataset = None
     if script_args.num_eval_problems > 0:
         eval_dataset = load_gsm8k(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)

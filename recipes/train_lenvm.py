@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from lenvm_rl.configs import TrainLenVMScriptArguments
+from lenvm_rl.data import prompt_format_of
 from lenvm_rl.rollouts import ROLLOUTS_CONFIG_NAME, load_rollouts
 from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
 from lenvm_rl.trainers.lenvm import LenVMConfig, LenVMTrainer
@@ -46,6 +47,8 @@ def main(script_args: TrainLenVMScriptArguments, training_args: LenVMConfig, mod
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.generator_model = _generator_model(script_args.train_rollouts)
     model.data_description = script_args.data_description or f"rollouts from {script_args.train_rollouts}"
+    first = train_dataset[0]
+    model.prompt_format = prompt_format_of(first.get("prompt"), first.get("question"))  # checked by the RL recipes
 
     # A restarted run resumes from the last complete checkpoint of output_dir (incomplete ones are skipped).
     checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)

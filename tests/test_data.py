@@ -130,3 +130,19 @@ def test_columns_reach_the_reward_function():
     columns = {key: value for key, value in batch.items() if key != "prompt"}
     rewards = gsm8k_accuracy_reward(prompts=batch["prompt"], completions=["#### 5", "#### 9"], **columns)
     assert rewards == [1.0, 0.0]
+
+
+def test_prompt_format_round_trip_and_the_rl_check(caplog):
+    import logging
+
+    from lenvm_rl.data import check_prompt_format, prompt_format_of
+
+    messages = make_conversational_prompt("What is 2 + 3?", None, "End with #### N.")
+    lenvm_format = prompt_format_of(messages, "What is 2 + 3?")
+    assert lenvm_format == {"system_prompt": None, "instruction": "End with #### N."}
+    assert prompt_format_of("a text prompt", "q") is None and prompt_format_of(messages, "Another question") is None
+    with caplog.at_level(logging.WARNING, logger="lenvm_rl.data"):
+        check_prompt_format(lenvm_format, None, "End with #### N.")
+        assert not caplog.text
+        check_prompt_format(lenvm_format, None, None)  # the RL prompts drop the instruction
+    assert "--instruction (LenVM: 'End with #### N.', here: None)" in caplog.text

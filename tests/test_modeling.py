@@ -410,3 +410,9 @@ def test_tokenizer_compatibility(tiny_tokenizer):
     other_eos.eos_token = "<|end|>"
     with pytest.raises(ValueError, match=r"eos_token_id 1 \(policy\) vs 6 \(LenVM\)"):
         check_tokenizers_compatible(tiny_tokenizer, other_eos)
+
+
+def test_prompt_format_travels_with_the_checkpoint(tmp_path, lenvm):
+    lenvm.prompt_format = {"system_prompt": None, "instruction": "End with #### N."}
+    lenvm.save_pretrained(tmp_path / "lenvm")
+    assert LengthValueModel.from_pretrained(tmp_path / "lenvm").prompt_format == lenvm.prompt_format
