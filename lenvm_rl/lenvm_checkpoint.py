@@ -6,6 +6,7 @@ generator model, data description, and the list of files the save wrote). Every 
 problem and says how to fix it; a value head holding NaN or inf is refused at load.
 """
 
+import copy
 import json
 import logging
 import math
@@ -15,10 +16,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .io import write_json_atomic
+from .model_cards import lenvm_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +36,9 @@ __all__ = [
     "check_gamma",
     "check_local_dir",
     "load_backbone",
+    "merged_backbone_state_dict",
     "save_lenvm_directory",
+    "write_lenvm_files",
     "read_lenvm_config",
     "read_value_head",
     "resolve_gamma",
@@ -275,3 +283,77 @@ def _manifest(directory: Path) -> list[str]:
 
 def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def write_lenvm_files(model, directory: Path, tokenizer, metrics, name: str, repo_id=None, **kwargs) -> None:
+    """Write a LenVM's files into `directory`: the backbone in the reference causal-LM layout,
+    `value_head.safetensors` (float32), the tokenizer, `lenvm_config.json` and the model card. Called by
+    [`~lenvm_rl.LengthValueModel.save_pretrained`] through [`save_lenvm_directory`]."""
+    # A weightless causal-LM shell gives the reference layout through transformers' own writer: the
+    # causal-LM class in config.json, its key names, tied-weight dedup, weight-conversion reversal, sharding.
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=_unwrap_peft(model.backbone).dtype)
+    state_dict = {
+        f"{shell.base_model_prefix}.{key}": value for key, value in merged_backbone_state_dict(model.backbone).items()
+    }
+    shell.save_pretrained(directory, state_dict=state_dict, **kwargs)
+    head_state = {
+        f"v_head.{name}": param.detach().float().cpu().contiguous() for name, param in model.v_head.named_parameters()
+    }
+    save_file(head_state, directory / VALUE_HEAD_NAME, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    metadata = {
+        "format_version": LENVM_FORMAT_VERSION,
+        "gamma": model.gamma,
+        "generator_model": model.generator_model,
+        "data_description": model.data_description,
+    }
+    if model.prompt_format is not None:
+        metadata["prompt_format"] = model.prompt_format
+    if metrics:
+        metadata["metrics"] = metrics
+    write_json_atomic(directory / LENVM_CONFIG_NAME, metadata)
+    card = lenvm_model_card(
+        name=name,
+        backbone=model.config._name_or_path,
+        model_type=model.config.model_type,
+        generator_model=model.generator_model,
+        gamma=model.gamma,
+        data_description=model.data_description,
+        metrics=metrics,
+        repo_id=repo_id,
+    )
+    (directory / "README.md").write_text(card)
+
+
+@torch.no_grad()
+def merged_backbone_state_dict(backbone_or_peft) -> dict[str, torch.Tensor]:
+    """A LenVM backbone's weights under plain key names, with LoRA deltas merged in (the live model is untouched)."""
+    backbone = _unwrap_peft(backbone_or_peft)
+    state_dict = backbone.state_dict()
+    if backbone is backbone_or_peft:
+        return state_dict
+    merged = {
+        key.replace(".base_layer.", "."): value
+        for key, value in state_dict.items()
+        if not any(part.startswith("lora_") for part in key.split("."))
+    }
+    for name, module in backbone.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            delta = sum(
+                module.get_delta_weight(adapter).float()
+                for adapter in module.active_adapters
+                if adapter not in module.merged_adapters
+            )
+            merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
+
+def _unwrap_peft(backbone):
+    """The ``transformers`` model under an optional peft wrapper (LoRA layers stay injected)."""
+    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone

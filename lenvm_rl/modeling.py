@@ -36,13 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
+from .compatibility import check_lenvm_reads_policy_ids, check_tokenizers_compatible  # noqa: F401 (re-exported)
 from .core import values_to_lengths
-from .io import write_json_atomic
 from .lenvm_checkpoint import (
     LENVM_CONFIG_NAME,
     LENVM_FORMAT_VERSION,
@@ -55,8 +53,8 @@ from .lenvm_checkpoint import (
     read_value_head,
     resolve_gamma,
     save_lenvm_directory,
+    write_lenvm_files,
 )
-from .model_cards import lenvm_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +294,7 @@ class LengthValueModel(nn.Module):
         metrics = _check_metrics(metrics)
         name = Path(save_directory).absolute().name
         save_lenvm_directory(
-            save_directory, lambda directory: self._write_checkpoint(directory, tokenizer, metrics, name, **kwargs)
+            save_directory, lambda directory: write_lenvm_files(self, directory, tokenizer, metrics, name, **kwargs)
         )
 
     def push_to_hub(
@@ -333,73 +331,11 @@ class LengthValueModel(nn.Module):
             name = repo_id.split("/")[-1]
             save_lenvm_directory(
                 Path(folder) / name,
-                lambda directory: self._write_checkpoint(directory, tokenizer, metrics, name, repo_id, **kwargs),
+                lambda directory: write_lenvm_files(self, directory, tokenizer, metrics, name, repo_id, **kwargs),
             )
             return api.upload_folder(
                 repo_id=repo_id, folder_path=Path(folder) / name, commit_message=commit_message, revision=revision
             )
-
-    def _write_checkpoint(self, directory: Path, tokenizer, metrics, name: str, repo_id=None, **kwargs) -> None:
-        # A weightless causal-LM shell gives the reference layout through transformers' own writer: the
-        # causal-LM class in config.json, its key names, tied-weight dedup, weight-conversion reversal, sharding.
-        with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(
-                copy.deepcopy(self.config), dtype=_unwrap_peft(self.backbone).dtype
-            )
-        state_dict = {f"{shell.base_model_prefix}.{key}": value for key, value in self._backbone_state_dict().items()}
-        shell.save_pretrained(directory, state_dict=state_dict, **kwargs)
-        head_state = {
-            f"v_head.{name}": param.detach().float().cpu().contiguous()
-            for name, param in self.v_head.named_parameters()
-        }
-        save_file(head_state, directory / VALUE_HEAD_NAME, metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        metadata = {
-            "format_version": LENVM_FORMAT_VERSION,
-            "gamma": self.gamma,
-            "generator_model": self.generator_model,
-            "data_description": self.data_description,
-        }
-        if self.prompt_format is not None:
-            metadata["prompt_format"] = self.prompt_format
-        if metrics:
-            metadata["metrics"] = metrics
-        write_json_atomic(directory / LENVM_CONFIG_NAME, metadata)
-        card = lenvm_model_card(
-            name=name,
-            backbone=self.config._name_or_path,
-            model_type=self.config.model_type,
-            generator_model=self.generator_model,
-            gamma=self.gamma,
-            data_description=self.data_description,
-            metrics=metrics,
-            repo_id=repo_id,
-        )
-        (directory / "README.md").write_text(card)
-
-    @torch.no_grad()
-    def _backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """Backbone weights under plain key names, with LoRA deltas merged in (the live model is untouched)."""
-        backbone = _unwrap_peft(self.backbone)
-        state_dict = backbone.state_dict()
-        if backbone is self.backbone:
-            return state_dict
-        merged = {
-            key.replace(".base_layer.", "."): value
-            for key, value in state_dict.items()
-            if not any(part.startswith("lora_") for part in key.split("."))
-        }
-        for name, module in backbone.named_modules():
-            if isinstance(module, LoraLayer):
-                weight = module.get_base_layer().weight
-                delta = sum(
-                    module.get_delta_weight(adapter).float()
-                    for adapter in module.active_adapters
-                    if adapter not in module.merged_adapters
-                )
-                merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
-        return merged
 
     # ------------------------------------------------------------------ forward and predictions
     def forward(
@@ -551,49 +487,6 @@ def freeze_model(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
-    """Raise if a LenVM cannot read the policy's token ids.
-
-    The LenVM consumes the policy's ids directly, so both tokenizers must map every token to the same id and
-    agree on the EOS (which ends an episode) and padding ids.
-
-    Args:
-        policy_tokenizer (`transformers.PreTrainedTokenizerBase`):
-            Tokenizer of the policy being trained.
-        lenvm_tokenizer (`transformers.PreTrainedTokenizerBase`):
-            Tokenizer saved with the LenVM.
-
-    Raises:
-        `ValueError`: listing the vocabulary size, a few differing token-to-id mappings and the special ids
-        that differ.
-    """
-    problems = []
-    if len(policy_tokenizer) != len(lenvm_tokenizer):
-        problems.append(f"vocabulary size {len(policy_tokenizer)} (policy) vs {len(lenvm_tokenizer)} (LenVM)")
-    policy_vocab, lenvm_vocab = policy_tokenizer.get_vocab(), lenvm_tokenizer.get_vocab()
-    differing = sorted(
-        token
-        for token in policy_vocab.keys() | lenvm_vocab.keys()
-        if policy_vocab.get(token) != lenvm_vocab.get(token)
-    )
-    if differing:
-        examples = ", ".join(
-            f"{token!r}: {policy_vocab.get(token)} vs {lenvm_vocab.get(token)}" for token in differing[:5]
-        )
-        problems.append(f"{len(differing)} token->id mappings differ (policy vs LenVM), e.g. {examples}")
-    for name in ("eos_token_id", "pad_token_id"):
-        policy_id, lenvm_id = getattr(policy_tokenizer, name), getattr(lenvm_tokenizer, name)
-        if policy_id != lenvm_id:
-            problems.append(f"{name} {policy_id} (policy) vs {lenvm_id} (LenVM)")
-    if problems:
-        raise ValueError(
-            "The policy and LenVM tokenizers are incompatible: "
-            + "; ".join(problems)
-            + ". The LenVM reads the policy's token ids, so use a LenVM trained with the policy's tokenizer "
-            "(or pretrain one from the policy with LengthValueModel.from_backbone)."
-        )
-
-
 def load_frozen_lenvm(
     lenvm: "LengthValueModel | str | os.PathLike",
     policy_tokenizer,
@@ -644,23 +537,6 @@ def resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
     elif gamma is not None and not math.isclose(gamma, lenvm.gamma, abs_tol=1e-7):
         raise ValueError(f"--lenvm_gamma {gamma} differs from the given LenVM's gamma {lenvm.gamma}.")
     return lenvm, lenvm_tokenizer
-
-
-def check_lenvm_reads_policy_ids(lenvm: "LengthValueModel", policy_tokenizer, lenvm_tokenizer) -> None:
-    """Raise unless the LenVM can read the policy's ids (embedding size; vocabularies when its tokenizer is known)."""
-    num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
-    if num_embeddings < len(policy_tokenizer):
-        raise ValueError(
-            f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has {len(policy_tokenizer)}: "
-            "the LenVM reads the policy's ids, so use a LenVM trained with the policy's tokenizer."
-        )
-    if lenvm_tokenizer is not None:
-        check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer)
-    else:
-        logger.warning(
-            "No tokenizer came with the LenVM: only its embedding size was checked against the policy's tokenizer. "
-            "Pass `lenvm_processing_class` to check the vocabularies."
-        )
 
 
 def _unwrap_peft(backbone: nn.Module) -> PreTrainedModel:

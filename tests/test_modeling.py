@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, T5Config
 
-import lenvm_rl.modeling as modeling
+import lenvm_rl.lenvm_checkpoint as lenvm_checkpoint
 from lenvm_rl.core import values_to_lengths
 from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible, freeze_model, load_frozen_lenvm
 
@@ -167,7 +167,7 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, lenvm, mon
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(modeling, "save_file", crash)
+    monkeypatch.setattr(lenvm_checkpoint, "save_file", crash)
     with torch.no_grad():
         lenvm.v_head.summary.bias.fill_(1.0)
     with pytest.raises(RuntimeError, match="disk full"):

@@ -40,8 +40,9 @@ from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import prepare_deepspeed
 
+from ..compatibility import check_lenvm_reads_policy_ids
 from ..core import length_advantages
-from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
+from ..modeling import LengthValueModel
 from ..rl_math import check_finite, combine_advantages, rms_normalize_length_advantages, scheduled_length_coef
 from .checkpointing import CompleteCheckpointsMixin
 from .length_critic import (

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedTokenizerBase
 
+from ..compatibility import check_lenvm_reads_policy_ids
 from ..core import length_advantages, length_shaping_rewards
-from ..modeling import LengthValueModel, check_lenvm_reads_policy_ids
+from ..modeling import LengthValueModel
 from ..rl_math import add_length_advantages, scheduled_length_coef
 from .length_critic import (
     LENVM_DIR,
