@@ -39,6 +39,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import prepare_deepspeed
+from trl.trainer.utils import get_config_model_id
 
 from ..compatibility import check_lenvm_reads_policy_ids
 from ..core import length_advantages
@@ -57,6 +58,7 @@ from .length_critic import (
     make_lenvm_optimizer,
     update_lenvm_online,
 )
+from .trl_compat import lenvm_config_from
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,8 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
     Args:
         model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes,
         callbacks, optimizers, quantization_config, peft_config, rollout_func:
-            As in [`~trl.GRPOTrainer`]; `args` must be a [`LenVMGRPOConfig`].
+            As in [`~trl.GRPOTrainer`]. `args` is a [`LenVMGRPOConfig`]; a plain [`~trl.GRPOConfig`] is converted
+            (its length fields at their defaults, with a warning) and `None` gives `LenVMGRPOConfig("<model>-GRPO")`.
         tools, environment_factory:
             Must be `None` (see above).
         lenvm ([`~lenvm_rl.LengthValueModel`] or `str`, *optional*):
@@ -198,13 +201,9 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
         # Half-swapped scripts: TRL's default config when none is given, and a plain GRPOConfig converted (with a
         # warning that the length fields take their defaults) rather than refused.
         if args is None:
-            from trl.trainer.utils import get_config_model_id
-
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = LenVMGRPOConfig(f"{model_name.split('/')[-1]}-GRPO")
         elif not isinstance(args, LenVMGRPOConfig):
-            from .trl_compat import lenvm_config_from
-
             args = lenvm_config_from(args, LenVMGRPOConfig)
         if tools or environment_factory is not None:
             raise ValueError(
