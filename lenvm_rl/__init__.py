@@ -56,6 +56,7 @@ from .rl_math import (  # noqa: F401
     rms_normalize_length_advantages,
     scheduled_length_coef,
 )
+from .smollm2 import materialize_smollm2  # noqa: F401
 from .trainers.checkpointing import last_complete_checkpoint  # noqa: F401
 from .trainers.lenvm import LenVMConfig, LenVMTrainer  # noqa: F401
 from .trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer  # noqa: F401
