@@ -9,8 +9,9 @@ from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
-from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
 from lenvm_rl.rl_math import masked_whiten
+from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
+from lenvm_rl.trainers.reward_funcs import reward_model_scores
 
 TRL_METRICS = [
     "objective/kl",
@@ -438,7 +439,7 @@ def test_reward_model_score_is_read_at_the_last_real_token(trainer, tokenizer):
     reward_model = make_tiny_classifier(len(tokenizer), seed=3)
     dataset = make_dataset(4)
     batch = trainer.generate_rollouts([dataset[i] for i in range(2)])
-    scores = trainer._reward_model_scores(reward_model, batch)
+    scores = reward_model_scores(reward_model, batch, chunk_size=4)
     for row in range(2):
         end = batch["context_length"] + batch["sequence_lengths"][row] + 1
         ids = batch["query_responses"][row : row + 1, :end]

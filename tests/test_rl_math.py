@@ -7,9 +7,9 @@ import torch
 
 from lenvm_rl.rl_math import (
     add_length_advantages,
-    combine_advantages,
     clipped_policy_loss,
     clipped_value_loss,
+    combine_advantages,
     kl_estimates,
     masked_mean,
     masked_var,

@@ -22,7 +22,6 @@ from transformers import (
     Trainer,
 )
 from transformers.trainer_utils import set_seed
-from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import (
     entropy_from_logits,
@@ -42,16 +41,16 @@ from ..rl_math import (
     truncate_after_stop_token,
 )
 from .checkpointing import CompleteCheckpointsMixin
-from .ppo_config import PPOConfig
+from .ppo_config import PPOConfig, resolve_stop_token_id
 from .ppo_models import (
     VALUE_MODEL_DIR,
     PolicyAndValueWrapper,
     prepare_ppo_models,
     save_policy_and_critic,
-    score_per_token,
     tied_parameter_names,
 )
-from .reward_funcs import RewardFunc, load_reward_funcs, reward_func_names, rewards_to_tensor
+from .ppo_rollouts import decode_completions, epoch_permutation_rows, tokenize_prompt_rows
+from .reward_funcs import RewardFunc, call_reward_funcs, load_reward_funcs, reward_func_names, warn_constant_scores
 from .trl_compat import TRLPPOCompatMixin
 
 logger = logging.getLogger(__name__)
@@ -210,19 +209,7 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
                 "gradient_accumulation_steps micro-batches, one mini-batch here has fewer."
             )
 
-        if args.stop_token_id is not None:
-            vocab_size = policy.get_input_embeddings().num_embeddings
-            if args.stop_token_id >= max(len(processing_class), vocab_size):
-                raise ValueError(
-                    f"--stop_token_id {args.stop_token_id} is not a token of the policy (vocabulary of "
-                    f"{len(processing_class)} tokens): no response would ever stop. Use an id the tokenizer has, e.g. "
-                    f"its EOS {processing_class.eos_token_id}."
-                )
-            self.stop_token_id = args.stop_token_id
-        elif processing_class.eos_token_id is not None:
-            self.stop_token_id = processing_class.eos_token_id
-        else:
-            raise ValueError("The tokenizer has no EOS token: set --stop_token_id.")
+        self.stop_token_id = resolve_stop_token_id(args, processing_class, policy)
         self.pad_token_id = processing_class.pad_token_id
         self.generation_config = GenerationConfig(
             max_new_tokens=args.response_length,
@@ -249,7 +236,6 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             max(1, self.num_updates // args.num_sample_generations) if args.num_sample_generations > 0 else 0
         )
         self.state.episode = 0
-        self._permutation_epoch, self._permutation = None, None
 
     # ------------------------------------------------------------------ the update loop
 
@@ -341,31 +327,11 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
 
         A pure function of `update` (and the seed), so resuming needs no data-loader state and uses no global RNG.
         """
-        n = len(self.train_dataset)
         start = update * self.batch_size + self.accelerator.process_index * self.local_batch_size
-        rows = []
-        for position in range(start, start + self.local_batch_size):
-            epoch, index = divmod(position, n)
-            if epoch != self._permutation_epoch:
-                seed = (self.args.data_seed if self.args.data_seed is not None else self.args.seed) + epoch
-                self._permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-                self._permutation_epoch = epoch
-            rows.append(self.train_dataset[self._permutation[index]])
-        return rows
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return epoch_permutation_rows(self.train_dataset, start, self.local_batch_size, seed)
 
     # ------------------------------------------------------------------ 1. rollout
-
-    def _tokenize_prompts(self, inputs: list[dict[str, Any]]) -> tuple[list, list[list[int]]]:
-        if "input_ids" in inputs[0]:  # TRL 1.12 scripts pre-tokenise
-            prompt_ids = [list(row["input_ids"]) for row in inputs]
-            prompts = [row.get("prompt", self.processing_class.decode(ids)) for row, ids in zip(inputs, prompt_ids)]
-            return prompts, prompt_ids
-        if "prompt" not in inputs[0]:
-            raise ValueError(f"The dataset needs a 'prompt' (or 'input_ids') column; found {list(inputs[0])}.")
-        prompts = [row["prompt"] for row in inputs]
-        texts = [maybe_apply_chat_template({"prompt": prompt}, self.processing_class)["prompt"] for prompt in prompts]
-        prompt_ids = self.processing_class(text=texts, add_special_tokens=False)["input_ids"]
-        return prompts, prompt_ids
 
     def generate_rollouts(
         self, inputs: list[dict[str, Any]], generation_config: GenerationConfig | None = None
@@ -385,7 +351,7 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             `completion_ids` (lists of ids, stop token included), the last two in reward-function format.
         """
         device = self.accelerator.device
-        prompts, prompt_ids = self._tokenize_prompts(inputs)
+        prompts, prompt_ids = tokenize_prompt_rows(inputs, self.processing_class)
         queries = pad([torch.tensor(ids) for ids in prompt_ids], self.pad_token_id, "left").to(device)  # (B, C)
         query_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], 0, "left").to(device)
         context_length = queries.shape[1]
@@ -413,11 +379,7 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
         )
 
         completion_ids = [row[mask].tolist() for row, mask in zip(responses, response_mask)]
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        if is_conversational({"prompt": prompts[0]}):
-            completions = [[{"role": "assistant", "content": text}] for text in texts]
-        else:
-            completions = texts
+        completions = decode_completions(completion_ids, prompts, self.processing_class)
         columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
         return {
             "prompts": prompts,
@@ -443,70 +405,24 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
         Returns:
             `dict`: `rewards_per_func` `(B, F)` (NaN where a function returned `None`) and `scores` `(B,)`.
         """
-        device = self.accelerator.device
-        B = len(batch["prompts"])
         where = f"update {self.state.global_step}"
-        rewards_per_func = torch.zeros(B, len(self.reward_funcs), device=device)
-        for i, func in enumerate(self.reward_funcs):
-            if isinstance(func, nn.Module):
-                rewards = self._reward_model_scores(func, batch)
-                check_finite(rewards, f"scores of reward model {self.reward_func_names[i]!r} at {where}")
-            else:
-                output = func(
-                    prompts=batch["prompts"],
-                    completions=batch["completions"],
-                    completion_ids=batch["completion_ids"],
-                    trainer_state=self.state,
-                    **batch["columns"],
-                )
-                rewards = rewards_to_tensor(output, B, self.reward_func_names[i], where)
-            rewards_per_func[:, i] = rewards.to(device)
-        skipped = torch.isnan(rewards_per_func).all(dim=1)  # (B,)
-        if skipped.any():
-            logger.warning(
-                "Every reward function returned None for %d of %d completions at %s (rows %s): they score 0.",
-                int(skipped.sum()),
-                B,
-                where,
-                skipped.nonzero().flatten().tolist()[:10],
-            )
-        scores = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
+        rewards_per_func = call_reward_funcs(
+            self.reward_funcs,
+            self.reward_func_names,
+            batch,
+            where,
+            trainer_state=self.state,
+            chunk_size=self.args.local_rollout_forward_batch_size,
+            autocast=self.accelerator.autocast,
+        ).to(self.accelerator.device)  # (B, F)
+        scores = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
         if self.args.missing_eos_penalty is not None:
             scores = scores - self.args.missing_eos_penalty * (~batch["terminated"]).float()
         all_scores = self.accelerator.gather(scores)
         if all_scores.numel() > 1 and bool((all_scores == all_scores[0]).all()):
-            self._warn_constant_scores(float(all_scores[0]))
+            self._constant_score_updates = getattr(self, "_constant_score_updates", 0) + 1
+            warn_constant_scores(self._constant_score_updates, len(all_scores), where, float(all_scores[0]))
         return {"rewards_per_func": rewards_per_func, "scores": scores}
-
-    def _warn_constant_scores(self, score: float) -> None:
-        """Every rollout of the update got the same task score: the task gives no signal (only the KL and any length
-        term train). Warned the first time and then every 20 such updates."""
-        self._constant_score_updates = getattr(self, "_constant_score_updates", 0) + 1
-        if self._constant_score_updates % 20 == 1:
-            logger.warning(
-                "All %d task scores of update %d equal %g (%d such updates so far): the task reward has no variance, so "
-                "only the KL penalty and any length term move the policy. Check the reward functions, or pick a task "
-                "the policy solves sometimes.",
-                self.batch_size,
-                self.state.global_step,
-                score,
-                self._constant_score_updates,
-            )
-
-    def _reward_model_scores(self, reward_model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """A sequence classifier's score at each response's last real token, on the policy's token ids."""
-        last = batch["context_length"] + batch["sequence_lengths"]  # (B,) position of the last real token
-        scores = []
-        chunk = self.args.local_rollout_forward_batch_size
-        for i in range(0, len(last), chunk):
-            input_ids = batch["query_responses"][i : i + chunk]
-            attention_mask = batch["attention_mask"][i : i + chunk]
-            with self.accelerator.autocast():
-                per_token = score_per_token(
-                    reward_model, input_ids, attention_mask, position_ids_from_mask(attention_mask)
-                )
-            scores.append(per_token[torch.arange(len(input_ids), device=per_token.device), last[i : i + chunk]])
-        return torch.cat(scores)
 
     # ------------------------------------------------------------------ 3. values
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-__all__ = ["PPOConfig"]
+__all__ = ["PPOConfig", "resolve_stop_token_id"]
 
 
 @dataclass
@@ -214,3 +214,19 @@ class PPOConfig(TrainingArguments):
             raise ValueError("--local_rollout_forward_batch_size must be >= 1")
         if self.load_best_model_at_end:
             raise ValueError("--load_best_model_at_end is not supported: PPO has no evaluation metric to select on.")
+
+
+def resolve_stop_token_id(args: PPOConfig, processing_class, policy) -> int:
+    """The stop token of a run: `--stop_token_id` (checked to be a token of the policy), else the tokenizer's EOS."""
+    if args.stop_token_id is not None:
+        vocab_size = policy.get_input_embeddings().num_embeddings
+        if args.stop_token_id >= max(len(processing_class), vocab_size):
+            raise ValueError(
+                f"--stop_token_id {args.stop_token_id} is not a token of the policy (vocabulary of "
+                f"{len(processing_class)} tokens): no response would ever stop. Use an id the tokenizer has, e.g. "
+                f"its EOS {processing_class.eos_token_id}."
+            )
+        return args.stop_token_id
+    if processing_class.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token: set --stop_token_id.")
+    return processing_class.eos_token_id

@@ -15,17 +15,27 @@ import logging
 import math
 import numbers
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 from transformers import AutoModelForSequenceClassification
 from trl.trainer.utils import get_callable_name
 
-from ..modeling import freeze_model
+from ..modeling import freeze_model, position_ids_from_mask
+from ..rl_math import check_finite
+from .ppo_models import score_per_token
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RewardFunc", "load_reward_funcs", "reward_func_names", "rewards_to_tensor"]
+__all__ = [
+    "RewardFunc",
+    "call_reward_funcs",
+    "load_reward_funcs",
+    "reward_func_names",
+    "rewards_to_tensor",
+    "warn_constant_scores",
+]
 
 RewardFunc = Callable[..., list[float | None]] | nn.Module | str
 
@@ -104,3 +114,70 @@ def rewards_to_tensor(output, num_rows: int, name: str, where: str) -> torch.Ten
             )
         rewards.append(float(value))
     return torch.tensor(rewards, dtype=torch.float32)
+
+
+def call_reward_funcs(funcs, names, batch, where: str, trainer_state=None, chunk_size: int = 64, autocast=None):
+    """Every reward of a rollout batch: `(B, F)` float32, NaN where a function skipped a row (`None`).
+
+    Reward models are read at each response's last real token; functions get TRL's keyword arguments and every
+    dataset column, and their output is checked ([`rewards_to_tensor`]). A row that every function skipped scores 0
+    and is reported in a warning.
+    """
+    num_rows = len(batch["prompts"])
+    columns = []
+    for func, name in zip(funcs, names):
+        if isinstance(func, nn.Module):
+            rewards = reward_model_scores(func, batch, chunk_size, autocast)
+            check_finite(rewards, f"scores of reward model {name!r} at {where}")
+        else:
+            output = func(
+                prompts=batch["prompts"],
+                completions=batch["completions"],
+                completion_ids=batch["completion_ids"],
+                trainer_state=trainer_state,
+                **batch["columns"],
+            )
+            rewards = rewards_to_tensor(output, num_rows, name, where)
+        columns.append(rewards.float().cpu())
+    rewards_per_func = torch.stack(columns, dim=1)  # (B, F)
+    skipped = torch.isnan(rewards_per_func).all(dim=1)  # (B,)
+    if skipped.any():
+        logger.warning(
+            "Every reward function returned None for %d of %d completions at %s (rows %s): they score 0.",
+            int(skipped.sum()),
+            num_rows,
+            where,
+            skipped.nonzero().flatten().tolist()[:10],
+        )
+    return rewards_per_func
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model: nn.Module, batch, chunk_size: int, autocast=None) -> torch.Tensor:
+    """A sequence classifier's score at each response's last real token, on the policy's token ids."""
+    last = batch["context_length"] + batch["sequence_lengths"]  # (B,) position of the last real token
+    scores = []
+    for i in range(0, len(last), chunk_size):
+        input_ids = batch["query_responses"][i : i + chunk_size]
+        attention_mask = batch["attention_mask"][i : i + chunk_size]
+        with autocast() if autocast is not None else nullcontext():
+            per_token = score_per_token(
+                reward_model, input_ids, attention_mask, position_ids_from_mask(attention_mask)
+            )
+        scores.append(per_token[torch.arange(len(input_ids), device=per_token.device), last[i : i + chunk_size]])
+    return torch.cat(scores)
+
+
+def warn_constant_scores(count: int, num_rows: int, where: str, score: float) -> None:
+    """Every rollout of an update got the same task score (the `count`-th such update): the task gives no signal,
+    only the KL and any length term train. Warned the first time and then every 20 such updates."""
+    if count % 20 == 1:
+        logger.warning(
+            "All %d task scores of %s equal %g (%d such updates so far): the task reward has no variance, so only the "
+            "KL penalty and any length term move the policy. Check the reward functions, or pick a task the policy "
+            "solves sometimes.",
+            num_rows,
+            where,
+            score,
+            count,
+        )
