@@ -123,7 +123,8 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
     The LenVM is loaded once, frozen with [`~lenvm_rl.freeze_model`] and placed like GRPO's reward models (a DeepSpeed
     inference engine under DeepSpeed, sharded with ZeRO-3; `accelerator.prepare_model(..., evaluation_mode=True)`
     otherwise). It never receives gradients, is not part of `self.model` nor of the optimizer, and is never written
-    into checkpoints.
+    into checkpoints. With the opt-in `lenvm_update="online"` it is refreshed after each generation batch by its own
+    optimizer and saved in the checkpoints' `lenvm/`.
 
     Length advantage. For each completion of `L` tokens (EOS included) the LenVM reads prompt + completion with
     padding-aware positions (`cumsum(mask) - 1`, so the left padding of prompts changes nothing); column `t` of the

@@ -98,7 +98,9 @@ class LenVMPPOTrainer(PPOTrainer):
 
     The LenVM is loaded once, frozen with [`~lenvm_rl.freeze_model`] and placed like a reward model (a DeepSpeed
     inference engine, sharded under ZeRO-3). It never receives gradients, is not part of the trained module nor of
-    its optimizer, and is never written into checkpoints. Steps it changes (the rest is [`PPOTrainer`]'s):
+    its optimizer, and is never written into checkpoints (with the opt-in `lenvm_update="online"` it is refreshed by
+    its own optimizer after each update and saved in `lenvm/`, see step 6). Steps it changes (the rest is
+    [`PPOTrainer`]'s):
 
     3. [`~LenVMPPOTrainer.compute_values`] adds `length_values` `(B, T + 1)`, the LenVM on the same query + response
        tokens (column `t` = position `context_length - 1 + t`, the state in which response token `t` is chosen;
@@ -110,6 +112,8 @@ class LenVMPPOTrainer(PPOTrainer):
     5. [`~LenVMPPOTrainer.compute_advantages`] adds `length_advantages` (raw `A_len`, from
        [`~lenvm_rl.core.length_advantages`] with `length_gamma` and `length_lam`) and, in `"advantage"` mode,
        `A = A_task + s * A_len / rms(A_len)` ([`~lenvm_rl.rl_math.add_length_advantages`]). The task critic's `returns` are unchanged.
+    6. [`~LenVMPPOTrainer.train_on_rollouts`] (`lenvm_update="online"` only) then regresses the LenVM on the
+       realised returns of the same rollouts.
     7. [`~LenVMPPOTrainer.gather_metrics`] adds the `length/` metrics.
 
     Responses cut at `response_length` without a stop token bootstrap every length quantity from the LenVM's value
