@@ -1,25 +1,34 @@
-"""Wall time per PPO update: with the frozen LenVM critic versus without, and our PPOTrainer versus TRL 1.12's.
+"""Wall time per PPO update and peak memory: with the frozen LenVM critic versus without, and our PPOTrainer versus
+TRL 1.12's, each pair of child processes run alternately in one call.
 
-    python benchmarks/ppo_overhead.py [--updates 8] [--configs tiny cpu] [--trl112] \
-        [--output benchmarks/results/ppo_overhead.json]
+    python benchmarks/ppo_overhead.py --model tiny --updates 16 --pairs 3 --trl112
+    python benchmarks/ppo_overhead.py --model smollm2 --updates 3 --pairs 3 --trl112
 
-1. LenVM overhead (target <= 1.15x). `LenVMPPOTrainer` (`length_mode="advantage"`, `length_coef=0.1`, a LenVM as large
-   as the policy) and `PPOTrainer` train the same policy on the same prompts in one process. Their `train()` loops run
-   in two threads that pass a baton after every update (PPO, LenVM-PPO, PPO, ...), so exactly one update runs at a
-   time and machine noise hits both alike. An update is timed from `on_step_begin` to its `on_log` (rollout, score,
-   values, rewards, advantages, PPO epochs, scheduler, metrics); the first (warm-up) and last (overlaps the other
-   thread's clean-up) updates of each are dropped; the headline ratio is the median over updates of LenVM-PPO's time
-   over the PPO update that ran just before it (robust to load drifting over the run). Configs: `tiny` (the test suite's scale) and `cpu` (a 3M-parameter
-   Llama, 64-token responses, the largest that runs in minutes on 2 CPU cores).
+Every arm runs in its own child process (one `train()` of `--updates` updates), and the arms alternate (A B, B A,
+A B, ...; `--pairs` of each). A child reports the wall time of each update, taken between consecutive `on_step_end`
+callbacks (so the first update, which warms up, is never counted), and its peak resident memory (`VmHWM`). The
+headline of a comparison is the median over pairs of the ratio of the two children's median update times.
+
+1. LenVM overhead (target <= 1.10x time, peak memory + 1 model). `LenVMPPOTrainer` (`length_mode="advantage"`,
+   `length_coef=0.1`, a LenVM as large as the policy: `from_backbone` of a policy-shaped model) against `PPOTrainer`,
+   both with a reward function (`word_count_reward`) and the critic built from the policy.
 2. `--trl112` (target <= 1.0x): the same TRL 1.12-style script (policy, reference, reward and value models as
-   positional arguments, a pre-tokenised `input_ids` dataset) runs with `from lenvm_rl import PPOTrainer` and, in a
-   clean virtualenv (`.cache/bench-venv-trl112`, created on first use: torch 2.13.0, trl 1.12.0, transformers 5.23.0,
-   accelerate 1.15.0), with `from trl.experimental.ppo import PPOTrainer`, on the tiny config. Child processes
-   alternate (ours, TRL, ours, TRL); an update is the interval between consecutive `on_step_end` calls, the first
-   dropped.
+   positional arguments, a pre-tokenised `input_ids` dataset) with `from lenvm_rl import PPOTrainer` and, in a clean
+   virtualenv (`.cache/bench-venv-trl112`, created on first use: torch 2.13.0, trl 1.12.0, transformers 5.23.0,
+   accelerate 1.15.0), with `from trl.experimental.ppo import PPOTrainer`.
 
-Prints a table and saves JSON. Every run uses `torch.set_num_threads(--threads)` (default 1: on 2 shared cores a
-second thread makes tiny matmuls slower and noisier).
+Equal settings in every comparison: models (random init, same seeds), prompts, `per_device_train_batch_size`,
+`gradient_accumulation_steps`, `response_length`, `num_ppo_epochs` 4, `num_mini_batches` 1, float32 (`bf16=False`:
+TRL 1.12's default is bf16), sampling at temperature 1 with top-k/top-p off, no evaluation, no saving, one thread.
+Stop tokens are never sampled by these random models, so every response is `response_length` tokens long in both.
+What differs is the implementations' own work: TRL 1.12 keeps the logits of generation as the policy's
+log-probabilities (one policy forward fewer than ours, which re-scores the responses with the policy and the critic in
+one forward) and calls `gc.collect()` and `empty_cache()` several times per update; ours checks every loss, value and
+reward for non-finite entries and logs more metrics (`PPOTrainer` docstring: the deliberate differences).
+
+Sizes (`--model`): `tiny` (the test suite's scale, 37K parameters), `cpu` (3.7M) and `smollm2` (SmolLM2-135M's
+shape, `outputs/smollm2/model/config.json`: vocab 49152, hidden 576, 30 layers, 9 heads / 3 key-value heads; random
+weights, because update time does not depend on what the weights are).
 """
 
 import argparse
@@ -29,11 +38,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from bench_utils import RESULTS, ROOT, machine, paired_ratio, save, spread
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -44,20 +53,27 @@ from transformers import (
     TrainerCallback,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TRL112_VENV = ROOT / ".cache" / "bench-venv-trl112"
 TRL112_PACKAGES = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0"]
 
 CONFIGS = {
     # name: model shape, rollouts per update (per_device x accumulation), response and prompt lengths
-    "tiny": dict(vocab=256, hidden=32, layers=2, intermediate=64, per_device=4, accumulation=2, response=16, prompt=8),
-    "cpu": dict(
-        vocab=2048, hidden=256, layers=4, intermediate=512, per_device=4, accumulation=2, response=64, prompt=32
+    "tiny": dict(
+        vocab=256, hidden=32, layers=2, intermediate=64, heads=4, kv_heads=4, per_device=4, accumulation=2,
+        response=16, prompt=8,
     ),
-}
+    "cpu": dict(
+        vocab=2048, hidden=256, layers=4, intermediate=512, heads=4, kv_heads=4, per_device=4, accumulation=2,
+        response=64, prompt=32,
+    ),
+    "smollm2": dict(
+        vocab=49152, hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, per_device=4, accumulation=1,
+        response=48, prompt=32,
+    ),
+}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------- shared set-up
+# ---------------------------------------------------------------------------------------------- the children
 
 
 def make_tokenizer(vocab):
@@ -73,9 +89,10 @@ def llama_config(config, **kwargs):
         hidden_size=config["hidden"],
         intermediate_size=config["intermediate"],
         num_hidden_layers=config["layers"],
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=config["heads"],
+        num_key_value_heads=config["kv_heads"],
         max_position_embeddings=512,
+        tie_word_embeddings=True,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
@@ -116,6 +133,7 @@ def ppo_kwargs(config, updates, output_dir):
         total_episodes=updates * batch,
         response_length=config["response"],
         num_ppo_epochs=4,
+        num_mini_batches=1,
         learning_rate=1e-5,
         stop_token="eos",
         num_sample_generations=0,
@@ -128,118 +146,6 @@ def ppo_kwargs(config, updates, output_dir):
     )
 
 
-def summary(times):
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "n": len(times)}
-
-
-# ---------------------------------------------------------------------------------------------- 1. LenVM overhead
-
-
-class Baton(TrainerCallback):
-    """Two trainers in two threads take turns, one update each; records the wall time of every update."""
-
-    def __init__(self, name, other, turns, barrier):
-        self.name, self.other, self.turns, self.barrier = name, other, turns, barrier
-        self.times = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.barrier.wait(timeout=1800)  # both set-ups done before the first timed update
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if not self.turns[self.name].wait(timeout=1800):
-            raise TimeoutError(f"{self.name} never got its turn")
-        self.turns[self.name].clear()
-        self.start = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss/policy_avg" in logs:
-            self.times.append(time.perf_counter() - self.start)
-            self.turns[self.other].set()
-
-
-def lenvm_overhead(name, config, updates):
-    from lenvm_rl.modeling import LengthValueModel
-    from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
-    from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
-
-    class TimedLenVMPPOTrainer(LenVMPPOTrainer):
-        lenvm_seconds = []
-
-        def compute_length_values(self, batch):
-            start = time.perf_counter()
-            out = super().compute_length_values(batch)
-            self.lenvm_seconds.append(time.perf_counter() - start)
-            return out
-
-    tokenizer = make_tokenizer(config["vocab"])
-    dataset = make_prompts(config, 64)
-    lenvm = LengthValueModel.from_backbone(make_policy(config, seed=1), gamma=0.99)
-    turns = {"ppo": threading.Event(), "lenvm_ppo": threading.Event()}
-    barrier = threading.Barrier(2)
-    batons = {"ppo": Baton("ppo", "lenvm_ppo", turns, barrier), "lenvm_ppo": Baton("lenvm_ppo", "ppo", turns, barrier)}
-    with tempfile.TemporaryDirectory() as tmp:
-        ppo = PPOTrainer(
-            PPOConfig(**ppo_kwargs(config, updates, tmp)),
-            tokenizer,
-            make_policy(config, seed=0),
-            reward_funcs=[word_count_reward],
-            train_dataset=dataset,
-            callbacks=[batons["ppo"]],
-        )
-        lenvm_ppo = TimedLenVMPPOTrainer(
-            LenVMPPOConfig(**ppo_kwargs(config, updates, tmp), length_mode="advantage", length_coef=0.1),
-            tokenizer,
-            make_policy(config, seed=0),
-            reward_funcs=[word_count_reward],
-            train_dataset=dataset,
-            callbacks=[batons["lenvm_ppo"]],
-            lenvm=lenvm,
-            lenvm_processing_class=tokenizer,
-        )
-        errors = []
-
-        def train(trainer, key):
-            try:
-                trainer.train()
-            except BaseException as error:  # noqa: BLE001 (re-raised in the main thread)
-                errors.append(error)
-                barrier.abort()
-                turns[batons[key].other].set()
-
-        turns["ppo"].set()
-        threads = [
-            threading.Thread(target=train, args=(ppo, "ppo")),
-            threading.Thread(target=train, args=(lenvm_ppo, "lenvm_ppo")),
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-    times = {key: baton.times[1:-1] for key, baton in batons.items()}
-    params = {key: sum(p.numel() for p in model.parameters()) for key, model in (("policy", ppo.model.policy),)}
-    params["lenvm"] = sum(p.numel() for p in lenvm.parameters())
-    result = {
-        "config": config,
-        "parameters": params,
-        "ppo": summary(times["ppo"]),
-        "lenvm_ppo": summary(times["lenvm_ppo"]),
-        "lenvm_forward": summary(TimedLenVMPPOTrainer.lenvm_seconds[1:-1]),
-        "per_update_s": times,
-    }
-    # Update i of each trainer ran back to back: the median of these paired ratios is robust to load drifting over the
-    # run (shared machines), which the ratio of the two medians is not.
-    result["ratio_paired_median"] = statistics.median(b / a for a, b in zip(times["ppo"], times["lenvm_ppo"]))
-    result["ratio_median"] = result["lenvm_ppo"]["median_s"] / result["ppo"]["median_s"]
-    result["ratio_mean"] = result["lenvm_ppo"]["mean_s"] / result["ppo"]["mean_s"]
-    result["lenvm_forward_share"] = result["lenvm_forward"]["median_s"] / result["lenvm_ppo"]["median_s"]
-    return result
-
-
-# ---------------------------------------------------------------------------------------------- 2. TRL 1.12
-
-
 class StepTimes(TrainerCallback):
     def __init__(self):
         self.stamps = []
@@ -248,32 +154,83 @@ class StepTimes(TrainerCallback):
         self.stamps.append(time.perf_counter())
 
 
-def child_trl_style_run(implementation, updates, threads):
-    """A TRL 1.12 PPO script; only the import differs between the implementations. Prints per-update seconds."""
-    torch.set_num_threads(threads)
-    if implementation == "trl112":
-        from trl.experimental.ppo import PPOConfig, PPOTrainer
-    else:
-        from lenvm_rl import PPOConfig, PPOTrainer
-    config = CONFIGS["tiny"]
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (`VmHWM`: reset by exec, unlike `ru_maxrss`)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def child(arm, config_name, updates):
+    """One `train()`; prints per-update seconds, peak memory and parameter counts as JSON."""
+    config = CONFIGS[config_name]
     tokenizer = make_tokenizer(config["vocab"])
-    dataset = make_prompts(config, 64, tokenized=True)
     timer = StepTimes()
+    extra = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = PPOTrainer(
-            PPOConfig(**ppo_kwargs(config, updates, tmp)),
-            tokenizer,
-            make_policy(config, seed=0),
-            make_policy(config, seed=0),
-            make_classifier(config, seed=1),
-            dataset,
-            make_classifier(config, seed=2),
-            eval_dataset=dataset,
-            callbacks=[timer],
-        )
+        if arm in ("trl112", "ours_trl_script"):
+            if arm == "trl112":
+                from trl.experimental.ppo import PPOConfig, PPOTrainer
+            else:
+                from lenvm_rl import PPOConfig, PPOTrainer
+            dataset = make_prompts(config, 64, tokenized=True)
+            policy = make_policy(config, seed=0)
+            trainer = PPOTrainer(
+                PPOConfig(**ppo_kwargs(config, updates, tmp)),
+                tokenizer,
+                policy,
+                make_policy(config, seed=0),
+                make_classifier(config, seed=1),
+                dataset,
+                make_classifier(config, seed=2),
+                eval_dataset=dataset,
+                callbacks=[timer],
+            )
+        else:
+            from lenvm_rl.modeling import LengthValueModel
+            from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
+            from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
+
+            dataset = make_prompts(config, 64)
+            policy = make_policy(config, seed=0)
+            if arm == "ppo":
+                trainer = PPOTrainer(
+                    PPOConfig(**ppo_kwargs(config, updates, tmp)), tokenizer, policy,
+                    reward_funcs=[word_count_reward], train_dataset=dataset, callbacks=[timer],
+                )  # fmt: skip
+            else:
+                lenvm = LengthValueModel.from_backbone(make_policy(config, seed=1), gamma=0.99)
+                extra["lenvm_parameters"] = sum(p.numel() for p in lenvm.parameters())
+                trainer = LenVMPPOTrainer(
+                    LenVMPPOConfig(**ppo_kwargs(config, updates, tmp), length_mode="advantage", length_coef=0.1),
+                    tokenizer, policy, reward_funcs=[word_count_reward], train_dataset=dataset,
+                    callbacks=[timer], lenvm=lenvm, lenvm_processing_class=tokenizer,
+                )  # fmt: skip
+                seconds = []
+                compute = trainer.compute_length_values
+
+                def timed(batch):
+                    start = time.perf_counter()
+                    out = compute(batch)
+                    seconds.append(time.perf_counter() - start)
+                    return out
+
+                trainer.compute_length_values = timed
+                extra["lenvm_forward_s"] = seconds
         trainer.train()
     times = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
-    print(json.dumps({"per_update_s": times}))
+    print(
+        json.dumps(
+            {
+                "per_update_s": times,
+                "peak_rss_mib": peak_rss_mib(),
+                "policy_parameters": sum(p.numel() for p in policy.parameters()),
+                **extra,
+            }
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the parent
 
 
 def ensure_trl112_venv():
@@ -284,76 +241,89 @@ def ensure_trl112_venv():
     return python
 
 
-def trl112_comparison(updates, repeats, threads):
-    pythons = {"ours": sys.executable, "trl112": str(ensure_trl112_venv())}
-    times = {"ours": [], "trl112": []}
-    for _ in range(repeats):
-        for implementation, python in pythons.items():
-            command = [
-                python,
-                __file__,
-                "--child",
-                implementation,
-                "--updates",
-                str(updates),
-                "--threads",
-                str(threads),
-            ]
-            env = {**os.environ, "PYTHONPATH": str(ROOT) if implementation == "ours" else ""}
+def compare(arms, config_name, updates, pairs, threads):
+    """Alternate the two arms' child processes; returns their per-process summaries and the paired ratios."""
+    import lenvm_rl
+
+    ours_path = str(Path(lenvm_rl.__file__).resolve().parents[1])  # the lenvm_rl this process imports
+    runs = {arm: [] for arm in arms}
+    for pair in range(pairs):
+        for arm in arms if pair % 2 == 0 else arms[::-1]:
+            python = str(ensure_trl112_venv()) if arm == "trl112" else sys.executable
+            command = [python, __file__, "--child", arm, "--model", config_name, "--updates", str(updates)]
+            env = {
+                **os.environ,
+                "PYTHONPATH": "" if arm == "trl112" else ours_path,
+                "OMP_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                "TQDM_DISABLE": "1",
+            }
             out = subprocess.run(command, env=env, capture_output=True, text=True)
             if out.returncode != 0:
-                raise RuntimeError(f"{implementation} run failed:\n{out.stderr[-4000:]}")
-            times[implementation] += json.loads(out.stdout.strip().splitlines()[-1])["per_update_s"]
-    result = {key: summary(value) for key, value in times.items()}
-    result["ratio_median"] = result["ours"]["median_s"] / result["trl112"]["median_s"]
-    result["ratio_mean"] = result["ours"]["mean_s"] / result["trl112"]["mean_s"]
-    result["packages"] = TRL112_PACKAGES
-    result["per_update_s"] = times
-    return result
-
-
-# ---------------------------------------------------------------------------------------------- main
+                raise RuntimeError(f"{arm} run failed:\n{out.stderr[-4000:]}")
+            run = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[arm].append(run)
+            print(
+                f"  {config_name} pair {pair} {arm:<16} median {statistics.median(run['per_update_s']):8.3f} s/update "
+                f"over {len(run['per_update_s'])}, peak RSS {run['peak_rss_mib']:8.0f} MiB",
+                flush=True,
+            )
+    a, b = arms
+    medians = {arm: [statistics.median(run["per_update_s"]) for run in runs[arm]] for arm in arms}
+    peaks = {arm: [run["peak_rss_mib"] for run in runs[arm]] for arm in arms}
+    return {
+        "config": CONFIGS[config_name],
+        "updates_per_process": updates,
+        "per_update_s": {arm: spread([t for run in runs[arm] for t in run["per_update_s"]]) for arm in arms},
+        "process_median_s": medians,
+        "peak_rss_mib": {arm: spread(values) for arm, values in peaks.items()},
+        f"time_{a}_over_{b}": paired_ratio(medians[a], medians[b]),
+        f"peak_rss_{a}_minus_{b}_mib": spread([x - y for x, y in zip(peaks[a], peaks[b])]),
+        "runs": runs,
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=8, help="PPO updates per trainer (2 are dropped)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--model", choices=list(CONFIGS), default="tiny")
+    parser.add_argument("--updates", type=int, default=16, help="PPO updates per process (the first is not timed)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating child processes per arm")
     parser.add_argument("--trl112", action="store_true", help="also compare with TRL 1.12's PPOTrainer")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating child runs per implementation (--trl112)")
+    parser.add_argument("--no_lenvm", action="store_true", help="skip the LenVM-overhead comparison")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "ppo_overhead.json"))
-    parser.add_argument("--child", choices=["ours", "trl112"], help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/ppo_overhead_<model>.json")
+    parser.add_argument("--child", choices=["ppo", "lenvm_ppo", "ours_trl_script", "trl112"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child_trl_style_run(args.child, args.updates, args.threads)
-        return
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        child(args.child, args.model, args.updates)
+        return
 
-    result = {"benchmark": "ppo_overhead", "torch_threads": args.threads, "lenvm_overhead": {}}
-    print(
-        f"{'config':<8} {'policy':>9} {'PPO s/update':>13} {'LenVM-PPO s/update':>19} {'ratio (paired)':>15} "
-        f"{'LenVM fwd s':>12}"
-    )
-    for name in args.configs:
-        out = lenvm_overhead(name, CONFIGS[name], args.updates)
-        result["lenvm_overhead"][name] = out
+    result = {"benchmark": "ppo_overhead", "command": "python " + " ".join(sys.argv), "machine": machine()}
+    if not args.no_lenvm:
+        out = compare(["lenvm_ppo", "ppo"], args.model, args.updates, args.pairs, args.threads)
+        model_mib = out["runs"]["lenvm_ppo"][0]["lenvm_parameters"] * 4 / 2**20  # float32
+        out["lenvm_model_mib"] = model_mib
+        lenvm_seconds = [t for run in out["runs"]["lenvm_ppo"] for t in run["lenvm_forward_s"][1:]]
+        out["lenvm_forward_s"] = spread(lenvm_seconds)
+        result["lenvm_overhead"] = out
+        ratio, extra = out["time_lenvm_ppo_over_ppo"], out["peak_rss_lenvm_ppo_minus_ppo_mib"]
         print(
-            f"{name:<8} {out['parameters']['policy']:>9} {out['ppo']['median_s']:>13.3f} "
-            f"{out['lenvm_ppo']['median_s']:>19.3f} {out['ratio_paired_median']:>15.3f} "
-            f"{out['lenvm_forward']['median_s']:>12.4f}"
+            f"{args.model}: LenVM-PPO / PPO time per update {ratio['median']:.3f}x (min {ratio['min']:.3f}, max "
+            f"{ratio['max']:.3f}; target <= 1.10x); peak RSS +{extra['median']:.0f} MiB (one LenVM: {model_mib:.0f} MiB)",
+            flush=True,
         )
     if args.trl112:
-        out = trl112_comparison(args.updates, args.repeats, args.threads)
+        out = compare(["ours_trl_script", "trl112"], args.model, args.updates, args.pairs, args.threads)
+        out["packages"] = TRL112_PACKAGES
         result["vs_trl112"] = out
+        ratio = out["time_ours_trl_script_over_trl112"]
         print(
-            f"tiny: ours {out['ours']['median_s']:.3f} s/update, TRL 1.12 {out['trl112']['median_s']:.3f} s/update, "
-            f"ratio {out['ratio_median']:.3f}"
+            f"{args.model}: ours / TRL 1.12 time per update {ratio['median']:.3f}x (min {ratio['min']:.3f}, max "
+            f"{ratio['max']:.3f}; target <= 1.0x)"
         )
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.output}")
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    save(result, args.output or RESULTS / f"ppo_overhead_{args.model}.json")
 
 
 if __name__ == "__main__":

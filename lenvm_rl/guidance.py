@@ -26,8 +26,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .candidates import CONSTRAINT_MODES, GuidanceMode, candidate_set, select_candidates
 from .generation import left_pad, tokenize_prompts
@@ -146,6 +147,24 @@ class GuidedGeneration:
 # ---------------------------------------------------------------------------------------------------------------------
 # Candidate scoring against the LenVM cache
 
+TREE_ATTENTION = "lenvm_rl_tree_sdpa"
+
+
+def _tree_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """
+    transformers' sdpa attention for the candidate forward's 4D mask, with the key/value heads of a grouped-query
+    model broadcast inside the kernel (`enable_gqa`). transformers' own sdpa copies them `num_key_value_groups`
+    times whenever a mask is given: the whole LenVM cache, in every layer, at every step (SmolLM2: 3x).
+    """
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.size(1) != key.size(1),
+    )  # fmt: skip
+    return output.transpose(1, 2).contiguous(), None  # (B, k, heads, head_dim), as transformers returns it
+
+
+AttentionInterface.register(TREE_ATTENTION, _tree_attention)
+
 
 def score_candidates(
     lenvm: LengthValueModel,
@@ -187,7 +206,14 @@ def score_candidates(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=candidate_ids.device)
     mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)  # additive: works for eager and sdpa
     positions = position_ids[:, None].expand(B, k)  # (B, k) all candidates at the row's next position
-    values = forward_with_cache(lenvm, cache, candidate_ids, mask, positions).values  # (B, k)
+    config = lenvm.backbone.config
+    implementation = config._attn_implementation
+    if implementation == "sdpa":  # read by every attention layer at every call, so this forward alone uses it
+        config._attn_implementation = TREE_ATTENTION
+    try:
+        values = forward_with_cache(lenvm, cache, candidate_ids, mask, positions).values  # (B, k)
+    finally:
+        config._attn_implementation = implementation
     return _force_stop_values(values, candidate_ids, stop_token_ids)
 
 

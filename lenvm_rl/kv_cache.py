@@ -14,6 +14,10 @@ layout:
 - [`keep_chosen_candidates`]: after a forward of ``k`` candidate columns, keep each row's chosen one;
 - [`check_plain_cache`]: the layout above needs plain [`~transformers.cache_utils.DynamicLayer`]s (no sliding
   window), which every operation here edits in place.
+
+[`prefill`] makes caches of [`AppendInPlaceLayer`]s: a `DynamicLayer` grows by `torch.cat`, a copy of the whole
+cache per layer and per decoding step, which at 135M parameters and a few hundred cached tokens moves about as many
+bytes as the weights themselves (measured in `benchmarks/guided_decoding.py`).
 """
 
 import torch
@@ -22,12 +26,72 @@ from transformers.cache_utils import DynamicLayer
 
 from .modeling import position_ids_from_mask
 
-__all__ = ["append_rows", "check_plain_cache", "forward_with_cache", "keep_chosen_candidates", "keep_rows", "prefill"]
+__all__ = [
+    "AppendInPlaceLayer",
+    "append_rows",
+    "check_plain_cache",
+    "forward_with_cache",
+    "keep_chosen_candidates",
+    "keep_rows",
+    "prefill",
+]
+
+
+class AppendInPlaceLayer(DynamicLayer):
+    """
+    A [`~transformers.cache_utils.DynamicLayer`] whose `keys` and `values` are the first `T` columns of buffers with
+    spare columns, so that appending `n` tokens writes `n` columns instead of copying all `T + n` (`torch.cat`).
+
+    Every operation that reads `keys`/`values` sees an ordinary `(B, H, T, D)` tensor. Code that assigns them a new
+    tensor (row surgery in this module, `crop`) needs no special care: `update` notices that `keys` is no longer a
+    column prefix of its buffer and copies it into a new one, with `headroom` spare columns (one copy per `headroom`
+    decoding steps instead of one per step).
+    """
+
+    headroom = 32
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T, n = (self.keys.size(-2) if self.keys.dim() == 4 else 0), key_states.size(-2)  # empty: a 1-D placeholder
+        in_buffer = _is_column_prefix(self.keys, self.key_buffer) and _is_column_prefix(self.values, self.value_buffer)
+        if not in_buffer or T + n > self.key_buffer.size(-2):
+            self.key_buffer = _with_headroom(self.keys, key_states, n + self.headroom)
+            self.value_buffer = _with_headroom(self.values, value_states, n + self.headroom)
+        self.key_buffer[:, :, T : T + n] = key_states
+        self.value_buffer[:, :, T : T + n] = value_states
+        self.keys, self.values = self.key_buffer[:, :, : T + n], self.value_buffer[:, :, : T + n]
+        return self.keys, self.values
+
+
+def _is_column_prefix(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+    """Whether `tensor` is `buffer[:, :, :T]` for some `T` (the same memory, rows, heads and strides)."""
+    return (
+        buffer is not None
+        and tensor.dim() == 4
+        and tensor.data_ptr() == buffer.data_ptr()
+        and tensor.stride() == buffer.stride()
+        and tensor.shape[:2] == buffer.shape[:2]
+        and tensor.size(3) == buffer.size(3)
+    )
+
+
+def _with_headroom(tensor: torch.Tensor, like: torch.Tensor, spare: int) -> torch.Tensor:
+    """A `(B, H, T + spare, D)` buffer whose first `T` columns are a copy of `tensor` (`T = 0` if it is empty)."""
+    T = tensor.size(-2) if tensor.dim() == 4 else 0
+    buffer = like.new_empty(*like.shape[:2], T + spare, like.size(3))
+    if T:
+        buffer[:, :, :T] = tensor
+    return buffer
 
 
 def check_plain_cache(cache: DynamicCache) -> None:
     """Raise a `ValueError` unless every layer of `cache` is a plain `DynamicLayer` (no sliding window)."""
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if any(type(layer) not in (DynamicLayer, AppendInPlaceLayer) for layer in cache.layers):
         raise ValueError(
             "lenvm-rl's decoding loops need a model whose cache is a plain DynamicCache (no sliding-window layers), "
             "such as Llama or Qwen2 without sliding window."
@@ -84,10 +148,11 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
             Passed to the forward (e.g. `logits_to_keep=1`).
 
     Returns:
-        `tuple`: the model's outputs and the filled [`~transformers.DynamicCache`] (checked by
-        [`check_plain_cache`]).
+        `tuple`: the model's outputs and the filled [`~transformers.DynamicCache`] of [`AppendInPlaceLayer`]s
+        (checked by [`check_plain_cache`]).
     """
     cache = DynamicCache(config=model.config)
+    cache.layers = [AppendInPlaceLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     positions = position_ids_from_mask(attention_mask)  # (B, P)
     outputs = forward_with_cache(model, cache, input_ids, attention_mask, positions, **kwargs)
     check_plain_cache(cache)
@@ -177,5 +242,9 @@ def keep_chosen_candidates(cache: DynamicCache, choices: torch.Tensor, num_candi
     for layer in cache.layers:
         P = layer.keys.size(2) - num_candidates
         index = (P + choices)[:, None, None, None].expand(-1, layer.keys.size(1), 1, layer.keys.size(3))
-        layer.keys = torch.cat([layer.keys[:, :, :P], layer.keys.gather(2, index)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :P], layer.values.gather(2, index)], dim=2)
+        # Gathered before column P is overwritten (the chosen column may be P itself); slicing keeps the tensors
+        # column prefixes of an AppendInPlaceLayer's buffers, so no step copies the prefix.
+        chosen_keys, chosen_values = layer.keys.gather(2, index), layer.values.gather(2, index)  # (B, H, 1, D)
+        layer.keys[:, :, P : P + 1] = chosen_keys
+        layer.values[:, :, P : P + 1] = chosen_values
+        layer.keys, layer.values = layer.keys[:, :, : P + 1], layer.values[:, :, : P + 1]

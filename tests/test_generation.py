@@ -1,10 +1,14 @@
-"""Continuous-batching sampler: agrees with `model.generate`, does not depend on batching when greedy, stops on EOS."""
+"""Continuous-batching sampler: agrees with `model.generate`, does not depend on batching when greedy, stops on EOS.
+The key/value cache it runs on appends in place and equals transformers' own."""
 
 import pytest
 import torch
 from conftest import make_tiny_causal_lm
+from transformers import DynamicCache
 
-from lenvm_rl.generation import generate_completions, sample_next_tokens
+from lenvm_rl.generation import generate_completions, left_pad, sample_next_tokens
+from lenvm_rl.kv_cache import AppendInPlaceLayer, append_rows, forward_with_cache, keep_rows, prefill
+from lenvm_rl.modeling import position_ids_from_mask
 
 # The decoding loops hand the KV cache over as `cache` (transformers >= 5.24): the deprecated keyword must not return.
 pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
@@ -110,3 +114,44 @@ def test_sample_next_tokens_filters():
 def test_invalid_arguments(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_completions(model, tiny_tokenizer, PROMPTS, max_new_tokens=0)
+
+
+def test_append_in_place_cache_equals_dynamic_cache(model):
+    """Prefill, decode past the headroom, retire a row, splice in new rows, decode: the same logits and the same cache
+    contents as transformers' DynamicCache; between surgeries a step writes into the buffer without reallocating."""
+    input_ids, attention_mask = left_pad([[5, 6, 7, 8], [9, 10], [11, 12, 13]], pad_token_id=0)
+    new_ids, new_mask = left_pad([[14, 15], [16, 17, 18, 19, 20]], pad_token_id=0)
+    caches, masks, logits = {}, {}, {}
+    with torch.no_grad():
+        for kind in ("in_place", "dynamic"):
+            if kind == "in_place":
+                _, cache = prefill(model, input_ids, attention_mask)
+                _, new_cache = prefill(model, new_ids, new_mask)
+            else:
+                cache, new_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+                model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                      cache=cache, use_cache=True)  # fmt: skip
+                model(new_ids, attention_mask=new_mask, position_ids=position_ids_from_mask(new_mask),
+                      cache=new_cache, use_cache=True)  # fmt: skip
+            mask, steps = attention_mask, []
+            for t in range(AppendInPlaceLayer.headroom + 12):  # the headroom runs out after the splice at t = 9
+                if t == 5:
+                    mask = keep_rows(mask, torch.tensor([0, 2]), cache)
+                if t == 9:
+                    mask = append_rows(cache, mask, new_cache, new_mask)
+                tokens = torch.full((mask.size(0), 1), 20 + t)
+                mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+                positions = mask.sum(1, keepdim=True) - 1
+                layer = cache.layers[0]
+                buffer = getattr(layer, "key_buffer", None)
+                steps.append(forward_with_cache(model, cache, tokens, mask, positions).logits[:, -1])
+                if kind == "in_place" and t in (2, 12):  # after a step with no surgery: same buffer, one more column
+                    assert layer.key_buffer is buffer and layer.keys.data_ptr() == buffer.data_ptr()
+            caches[kind], masks[kind], logits[kind] = cache, mask, steps
+    assert all(type(layer) is AppendInPlaceLayer for layer in caches["in_place"].layers)
+    assert torch.equal(masks["in_place"], masks["dynamic"])
+    for a, b in zip(logits["in_place"], logits["dynamic"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(caches["in_place"].layers, caches["dynamic"].layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ from lenvm_rl.guidance import (
     score_candidates,
     score_candidates_by_reencoding,
 )
-from lenvm_rl.kv_cache import keep_chosen_candidates
+from lenvm_rl.kv_cache import keep_chosen_candidates, prefill
 from lenvm_rl.length_tokens import (
     completion_td_residuals,
     count_length_tokens,
@@ -86,6 +86,28 @@ def test_cached_scoring_equals_reencoding(arch):
         cached = score_candidates(lenvm, more, cache, extended_mask, extended_mask.sum(1))
         naive = score_candidates_by_reencoding(lenvm, extended_ids, extended_mask, more)
     torch.testing.assert_close(cached, naive, atol=1e-5, rtol=0)
+    # The candidate forward broadcasts the grouped key/value heads in its own attention function, for that call only.
+    assert lenvm.config.num_key_value_heads < lenvm.config.num_attention_heads
+    assert lenvm.backbone.config._attn_implementation == "sdpa"
+
+
+def test_candidate_scoring_keeps_the_chosen_column_in_place():
+    """A guided step appends k candidate columns and keeps one, writing into the LenVM cache's buffer: no step copies
+    the cached prefix."""
+    lenvm = make_lenvm()
+    input_ids, attention_mask = padded()
+    with torch.no_grad():
+        _, cache = prefill(lenvm, input_ids, attention_mask)
+        layer = cache.layers[0]
+        buffer, positions = layer.key_buffer, attention_mask.sum(1)
+        for step in range(3):
+            candidates = torch.randint(2, 100, (3, 5), generator=torch.Generator().manual_seed(step))
+            score_candidates(lenvm, candidates, cache, attention_mask, positions)
+            keep_chosen_candidates(cache, torch.tensor([0, 4, 2]), num_candidates=5)
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)
+            positions = positions + 1
+            assert layer.keys.size(2) == attention_mask.size(1)
+            assert layer.key_buffer is buffer and layer.keys.data_ptr() == buffer.data_ptr()
 
 
 def test_stop_candidate_value_is_zero_during_generation():
