@@ -16,7 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_dir_mode", "default_file_mode", "move_files_into", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
+__all__ = [
+    "default_dir_mode",
+    "default_file_mode",
+    "move_files_into",
+    "write_json_atomic",
+    "write_jsonl_atomic",
+    "write_text_atomic",
+]
 
 
 def default_file_mode() -> int:

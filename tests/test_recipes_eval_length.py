@@ -120,7 +120,9 @@ def test_prompts_with_one_finished_completion_are_left_out(lenvm):
         r["completion_ids"][-1], r["finish_reason"] = 42, "length"
     results = evaluate_length_prediction(lenvm, Dataset.from_list(records))
     assert results["num_prompts"] == 2 and results["num_prompts_excluded"] == 1
-    assert evaluate_length_prediction(lenvm, Dataset.from_list(records), min_completions_per_prompt=1)["num_prompts"] == 3
+    assert (
+        evaluate_length_prediction(lenvm, Dataset.from_list(records), min_completions_per_prompt=1)["num_prompts"] == 3
+    )
 
 
 def test_evaluation_warns_about_another_generator(lenvm, caplog):
