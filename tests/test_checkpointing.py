@@ -84,3 +84,22 @@ def test_no_complete_checkpoint_starts_from_scratch(tmp_path, caplog):
         assert last_complete_checkpoint(tmp_path) is None
     assert "No complete checkpoint" in caplog.text
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_older_checkpoints_are_rotated_out_only_after_the_new_one_is_complete(tmp_path, monkeypatch):
+    """save_total_limit=1: a crash between writing checkpoint-N and marking it complete keeps checkpoint-(N-1)."""
+    from lenvm_rl.trainers import checkpointing
+
+    trainer = make_trainer(tmp_path / "run", total_episodes=4)
+    trainer.args.save_total_limit = 1
+    real_write = checkpointing.write_json_atomic
+
+    def crash_on_second_marker(path, obj, *args, **kwargs):
+        if obj["global_step"] == 2:
+            raise KeyboardInterrupt("killed before the marker")
+        return real_write(path, obj, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "write_json_atomic", crash_on_second_marker)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-1")

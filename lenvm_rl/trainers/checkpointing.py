@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..io import write_json_atomic
 
@@ -78,13 +78,24 @@ class CompleteCheckpointsMixin:
     explicit incomplete path is refused)."""
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Older checkpoints are rotated out only once the new one is complete: transformers rotates right after
+        # writing, so a crash before the marker would otherwise leave no complete checkpoint at all.
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
         self.accelerator.wait_for_everyone()  # ZeRO-3 processes write their own optimizer shards
+        run_dir = self._get_output_dir(trial=trial)
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             write_json_atomic(os.path.join(folder, CHECKPOINT_COMPLETE_NAME), {"global_step": self.state.global_step})
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
