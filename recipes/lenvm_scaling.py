@@ -349,6 +349,7 @@ def plot_scaling(result: dict, path: str | os.PathLike) -> None:
         ylabel="prompt-boundary MRE (%)",
         title="Length prediction on held-out prompts",
     )
+    mre_axis.minorticks_off()  # log-axis minor labels (2 x 10^2, ...) would overprint the sizes
     mre_axis.set_xticks(sizes, [str(n) for n in sizes])
     mre_axis.set_ylim(bottom=0)
     mre_axis.legend(fontsize=8)
@@ -360,6 +361,7 @@ def plot_scaling(result: dict, path: str | os.PathLike) -> None:
         ylabel="value MSE (held-out tokens)",
         title="LenVM value MSE" + (f" (gamma {gamma:.4f})" if gamma else ""),
     )
+    mse_axis.minorticks_off()
     mse_axis.set_xticks(sizes, [str(n) for n in sizes])
     mse_axis.set_ylim(bottom=0)
     figure.savefig(path, dpi=120)
