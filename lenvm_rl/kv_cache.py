@@ -42,10 +42,10 @@ class AppendInPlaceLayer(DynamicLayer):
     A [`~transformers.cache_utils.DynamicLayer`] whose `keys` and `values` are the first `T` columns of buffers with
     spare columns, so that appending `n` tokens writes `n` columns instead of copying all `T + n` (`torch.cat`).
 
-    Every operation that reads `keys`/`values` sees an ordinary `(B, H, T, D)` tensor. Code that assigns them a new
-    tensor (row surgery in this module, `crop`) needs no special care: `update` notices that `keys` is no longer a
-    column prefix of its buffer and copies it into a new one, with `headroom` spare columns (one copy per `headroom`
-    decoding steps instead of one per step).
+    Every operation that reads `keys`/`values` sees an ordinary `(B, H, T, D)` tensor. Row surgery in this module
+    writes its result straight into new buffers; other code that assigns them a new tensor (`crop`, ...) needs no
+    special care: `update` notices that `keys` is no longer a column prefix of its buffer and copies it into a new
+    one, with `headroom` spare columns (one copy per `headroom` decoding steps instead of one per step).
     """
 
     headroom = 32
@@ -174,25 +174,20 @@ def append_rows(
     Returns:
         `torch.Tensor`: `(B + B', max(T, T'))` the mask of the joined batch.
     """
-    width = max(attention_mask.size(1), new_mask.size(1))
-    attention_mask = _pad_left(cache, attention_mask, width)
-    new_mask = _pad_left(new_cache, new_mask, width)
+    B, T, T_new = attention_mask.size(0), attention_mask.size(1), new_mask.size(1)
+    width = max(T, T_new)
     for layer, new_layer in zip(cache.layers, new_cache.layers):
-        layer.keys = torch.cat([layer.keys, new_layer.keys], dim=0)
-        layer.values = torch.cat([layer.values, new_layer.values], dim=0)
-    return torch.cat([attention_mask, new_mask], dim=0)
-
-
-def _pad_left(cache: DynamicCache, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Prepend masked (zero) columns to every layer of `cache` and to its mask, up to `width` columns."""
-    missing = width - attention_mask.size(1)
-    if missing == 0:
-        return attention_mask
-    for layer in cache.layers:
-        keys, values = layer.keys, layer.values  # (B, H, T, D)
-        layer.keys = torch.cat([keys.new_zeros(*keys.shape[:2], missing, keys.shape[3]), keys], dim=2)
-        layer.values = torch.cat([values.new_zeros(*values.shape[:2], missing, values.shape[3]), values], dim=2)
-    return torch.nn.functional.pad(attention_mask, (missing, 0))
+        joined = []
+        for old, new in ((layer.keys, new_layer.keys), (layer.values, new_layer.values)):
+            buffer = _new_buffer(layer, old, B + new.size(0), width)  # (B + B', H, width + spare, D)
+            buffer[:B, :, : width - T].zero_()  # padding: masked, but it still enters q.k, so it must be finite
+            buffer[B:, :, : width - T_new].zero_()
+            buffer[:B, :, width - T : width] = old
+            buffer[B:, :, width - T_new : width] = new
+            joined.append(buffer)
+        _install(layer, *joined, width)
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(attention_mask, (width - T, 0)), pad(new_mask, (width - T_new, 0))], dim=0)
 
 
 def keep_rows(attention_mask: torch.Tensor, rows: torch.Tensor, *caches: DynamicCache) -> torch.Tensor:
@@ -218,9 +213,27 @@ def keep_rows(attention_mask: torch.Tensor, rows: torch.Tensor, *caches: Dynamic
     start = int((attention_mask.sum(dim=0) > 0).long().argmax()) if len(rows) else attention_mask.size(1)
     for cache in caches:
         for layer in cache.layers:
-            layer.keys = layer.keys[rows, :, start:]
-            layer.values = layer.values[rows, :, start:]
+            width = max(layer.keys.size(2) - start, 0)  # a cache may lag its mask by the token being decoded
+            kept = []
+            for old in (layer.keys, layer.values):
+                buffer = _new_buffer(layer, old, len(rows), width)
+                torch.index_select(old[:, :, start:], 0, rows, out=buffer[:, :, :width])  # one pass, no temporary
+                kept.append(buffer)
+            _install(layer, *kept, width)
     return attention_mask[:, start:]
+
+
+def _new_buffer(layer: DynamicLayer, like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """An uninitialised `(rows, H, width (+ headroom for an AppendInPlaceLayer), D)` tensor for `layer`."""
+    spare = layer.headroom if isinstance(layer, AppendInPlaceLayer) else 0
+    return like.new_empty(rows, like.size(1), width + spare, like.size(3))
+
+
+def _install(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+    """Make the first `width` columns of `keys` and `values` the layer's cache (and its buffers, if it has any)."""
+    layer.keys, layer.values = keys[:, :, :width], values[:, :, :width]
+    if isinstance(layer, AppendInPlaceLayer):
+        layer.key_buffer, layer.value_buffer = keys, values
 
 
 def keep_chosen_candidates(cache: DynamicCache, choices: torch.Tensor, num_candidates: int) -> None:
