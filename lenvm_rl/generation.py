@@ -51,7 +51,7 @@ def sample_next_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """
-    Sample one token per row from next-token logits.
+    Sample one token per row from next-token logits (inverse-CDF sampling from the filtered softmax).
 
     Args:
         logits (`torch.Tensor`):
@@ -86,7 +86,17 @@ def sample_next_tokens(
         # Drop a token when the tokens ranked above it already reach top_p; the most likely token always stays.
         sorted_drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         logits = logits.masked_fill(sorted_drop.scatter(-1, sorted_indices, sorted_drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform per row against the cumulative distribution, accumulated in float64 and
+    # normalised so that its last entry is exactly 1 (a token of probability 0 is never drawn). torch.multinomial
+    # draws one exponential per vocabulary entry instead: ~15% of a bfloat16 decoding step at 32 rows of a 49K-token
+    # vocabulary on a CPU (benchmarks/rollout_throughput.py).
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # (B, V) probabilities up to normalisation
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
+    cdf = cdf / cdf[:, -1:]
+    if not bool(cdf[:, -1].isfinite().all()):
+        raise ValueError("Cannot sample: the model produced non-finite logits (NaN or +inf).")
+    uniforms = torch.rand(len(cdf), 1, dtype=torch.float64, device=cdf.device, generator=generator)  # (B, 1) in [0, 1)
+    return torch.searchsorted(cdf, uniforms, right=True).squeeze(-1)
 
 
 def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,20 @@ def test_sample_next_tokens_filters():
     assert set(sample_next_tokens(logits, 1.0, 1.0, 0, generator).tolist()) == {0, 1, 2, 3}
 
 
+def test_sample_next_tokens_draws_from_the_softmax():
+    """Frequencies over 40,000 draws match softmax(logits / T) within 4 standard errors; a filtered (probability 0)
+    token is never drawn, whatever its place in the vocabulary; non-finite logits are refused."""
+    n = 40_000
+    logits = torch.tensor([[-float("inf"), 1.0, 0.0, 2.0, -1.0, -float("inf")]]).expand(n, 6)
+    tokens = sample_next_tokens(logits, 0.7, 1.0, 0, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=6).double() / n
+    expected = (logits[0].double() / 0.7).softmax(dim=-1)
+    assert frequencies[0] == frequencies[5] == 0
+    assert bool(((frequencies - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt()).all())
+    with pytest.raises(ValueError, match="non-finite"):
+        sample_next_tokens(torch.tensor([[0.0, float("nan")]]), 1.0, 1.0, 0)
+
+
 def test_invalid_arguments(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_completions(model, tiny_tokenizer, PROMPTS, max_new_tokens=0)
