@@ -24,6 +24,8 @@ left-padded to different lengths).
    candidate. Interleaved repeats; the scores of (a) and (c) are compared (max |diff|).
 3. `--profile`: `torch.profiler` over one guided run of `profile_tokens` tokens; the aten time is grouped (matrix
    multiplies, attention, copies, other) and what is outside aten (Python, dispatch) is the remainder.
+4. The GEMM floor: the ratio the weight matrix multiplies alone set (policy layers and LM head at `B` rows; plus the
+   LenVM's layers at `B * k` rows for a guided step), timed with `F.linear` on the models' own weights.
 
 Prints a table and saves JSON with the machine description.
 """
@@ -273,6 +275,39 @@ PROFILE_GROUPS = {
 }
 
 
+@torch.no_grad()
+def gemm_floor(policy, lenvm, batch_size, top_k, repeats=5):
+    """
+    The floor of the guided / unguided ratio set by the matrix multiplies alone: one pass of `F.linear` over every
+    weight matrix of the policy's layers and LM head at `B` rows against the same plus the LenVM's layers at `B * k`
+    rows (a guided step), alternating, median of `repeats`. On a CPU whose GEMM is not flat in the row count (fp32
+    here), this floor is above 2.
+    """
+
+    def weights(model):
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2]
+
+    policy_weights, lenvm_weights = weights(policy), weights(lenvm.backbone)
+
+    def one_pass(matrices, rows):
+        inputs = {w.size(1): torch.randn(rows, w.size(1), dtype=w.dtype) for w in matrices}
+        start = time.perf_counter()
+        for w in matrices:
+            torch.nn.functional.linear(inputs[w.size(1)], w)
+        return time.perf_counter() - start
+
+    seconds = {"policy_B": [], "lenvm_Bk": []}
+    for _ in range(repeats):
+        seconds["policy_B"].append(one_pass(policy_weights, batch_size))
+        seconds["lenvm_Bk"].append(one_pass(lenvm_weights, batch_size * top_k))
+    policy_s, lenvm_s = (statistics.median(v) for v in seconds.values())
+    return {
+        "policy_gemm_seconds_B_rows": policy_s,
+        "lenvm_gemm_seconds_Bk_rows": lenvm_s,
+        "floor_guided_over_unguided": (policy_s + lenvm_s) / policy_s,
+    }
+
+
 def profile(policy, lenvm, batch_size, args, stop_ids, vocab_size):
     """Where one guided run's time goes: grouped aten self time, and the rest (Python, dispatch)."""
     from torch.profiler import ProfilerActivity
@@ -315,7 +350,7 @@ def main():
     parser.add_argument("--top_k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="paired generation runs per batch size")
     parser.add_argument("--hf_generate", action="store_true", help="also time transformers' model.generate")
-    parser.add_argument("--replay_tokens", type=int, default=None, help="default: all (tiny), 32 (smollm2)")
+    parser.add_argument("--replay_tokens", type=int, default=None, help="default: 64 (tiny), 8 (smollm2)")
     parser.add_argument("--replay_repeats", type=int, default=None, help="default: 3 (tiny), 2 (smollm2)")
     parser.add_argument("--no_replay", action="store_true", help="skip the candidate-scoring replay")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over one guided run")
@@ -325,7 +360,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.num_threads)
     small = args.model == "tiny"
-    args.replay_tokens = args.replay_tokens or (args.max_new_tokens if small else 32)
+    args.replay_tokens = args.replay_tokens or (64 if small else 8)  # naive re-encoding is quadratic in it
     args.replay_repeats = args.replay_repeats or (3 if small else 2)
     suffix = "" if args.model == "tiny" or args.dtype == "float32" else f"_{args.dtype}"
     output = args.output or RESULTS / f"guided_decoding_{args.model}{suffix}.json"
@@ -377,6 +412,8 @@ def main():
     if args.profile:
         results["profile"] = profile(policy, lenvm, args.batch_sizes[0], args, stop_ids, vocab_size)
         print({group: f"{share:.1%}" for group, share in results["profile"]["share"].items()})
+    results["gemm_floor"] = {f"batch_{b}": gemm_floor(policy, lenvm, b, args.top_k) for b in args.batch_sizes}
+    print({key: round(value["floor_guided_over_unguided"], 2) for key, value in results["gemm_floor"].items()})
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     save(results, output)
 
