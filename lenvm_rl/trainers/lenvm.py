@@ -272,8 +272,18 @@ def _gamma_from_lengths(dataset, args) -> float:
 
 def train_last_layers(model, num_layers: int) -> None:
     """Freeze the LenVM's backbone except its final norm and last `num_layers` decoder layers (the head stays
-    trainable). Decoder-only backbones of transformers keep their layers in `.layers` (Llama, Qwen2, Mistral, ...)."""
-    backbone = model.backbone
+    trainable); see [`train_last_decoder_layers`]."""
+    train_last_decoder_layers(model.backbone, num_layers)
+    model.v_head.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Training the value head and the last %d layers: %d of %d parameters.", num_layers, trainable, total)
+
+
+def train_last_decoder_layers(backbone: torch.nn.Module, num_layers: int) -> None:
+    """Freeze a decoder-only backbone (embeddings included) except its final norm and last `num_layers` decoder
+    layers. transformers' decoder-only backbones keep their layers in `.layers` (Llama, Qwen2, Mistral, ...).
+    Backpropagation then stops at the first trainable layer, which is what makes it cheaper than LoRA on a CPU."""
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(
@@ -287,7 +297,3 @@ def train_last_layers(model, num_layers: int) -> None:
         layer.requires_grad_(True)
     if getattr(backbone, "norm", None) is not None:
         backbone.norm.requires_grad_(True)
-    model.v_head.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("Training the value head and the last %d layers: %d of %d parameters.", num_layers, trainable, total)
