@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .candidates import CONSTRAINT_MODES, GuidanceMode, candidate_set, select_candidates
+from .candidates import BOUND_MIN_PROB, CONSTRAINT_MODES, GuidanceMode, candidate_set, select_candidates
 from .generation import left_pad, tokenize_prompts
 from .kv_cache import forward_with_cache, keep_chosen_candidates, keep_rows, prefill
 from .modeling import LengthValueModel, check_tokenizers_compatible
@@ -64,6 +64,10 @@ class CandidateSamplingConfig:
             Nucleus filter inside the top-k set (on the temperature-scaled distribution); `1.0` keeps all.
         min_p (`float`, *optional*, defaults to `0.0`):
             Drops candidates with probability below `min_p` times the top probability; `0.0` keeps all.
+        bound_min_prob (`float`, *optional*, defaults to `0.01`):
+            At Most / At Least choose only candidates with at least this probability (the most likely one always
+            qualifies), so a bound never forces a near-zero-probability token, a stop token included; the bound gives
+            way instead. `0` is the unfloored rule. See [`~lenvm_rl.candidates.select_candidates`].
     """
 
     max_new_tokens: int = field(default=256, metadata={"help": "Length cap (finish_reason='length')."})
@@ -71,6 +75,10 @@ class CandidateSamplingConfig:
     top_k: int = field(default=8, metadata={"help": "Candidates per step, all scored by the LenVM."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus filter inside the top-k set; 1.0 keeps all."})
     min_p: float = field(default=0.0, metadata={"help": "Drop candidates below min_p * top probability."})
+    bound_min_prob: float = field(
+        default=BOUND_MIN_PROB,
+        metadata={"help": "At Most / At Least never choose a candidate below this probability; 0: no floor."},
+    )
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -83,6 +91,8 @@ class CandidateSamplingConfig:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"--min_p must be in [0, 1), got {self.min_p}")
+        if not 0.0 <= self.bound_min_prob < 1.0:
+            raise ValueError(f"--bound_min_prob must be in [0, 1), got {self.bound_min_prob}")
 
 
 @dataclass
@@ -102,7 +112,7 @@ class LengthGuidanceConfig(CandidateSamplingConfig):
             `generation_config.eos_token_id`.
 
         > Candidate set and sampling, keyword-only ([`CandidateSamplingConfig`]): `max_new_tokens` (256),
-        > `temperature` (1.0), `top_k` (8), `top_p` (1.0), `min_p` (0.0).
+        > `temperature` (1.0), `top_k` (8), `top_p` (1.0), `min_p` (0.0), `bound_min_prob` (0.01).
     """
 
     mode: GuidanceMode = field(
@@ -368,6 +378,7 @@ def generate_with_length_guidance(
             target_lengths=target_lengths[rows] if config.mode in CONSTRAINT_MODES else None,
             temperature=config.temperature,
             generator=generator,
+            bound_min_prob=config.bound_min_prob,
         )  # (b,)
         next_tokens = candidate_ids.gather(1, choices[:, None])  # (b, 1)
         # 4. Extend both caches with the chosen tokens.

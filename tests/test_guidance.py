@@ -195,6 +195,84 @@ def test_at_most_and_at_least_rules():
     assert choose("at_least", 5, 6) == 0  # the stop token (6 tokens) is feasible but least likely
 
 
+def test_bounds_never_choose_a_candidate_below_the_probability_floor():
+    """At Most forces a stop token, and At Least bans one, only when that leaves a candidate with p >= the floor."""
+    gamma = 0.5
+    values = lengths_to_values(torch.tensor([[10.0, 4.0, 0.0]]), gamma).float()  # candidate 2 is the stop token
+
+    def choose(mode, probs, target, floor):
+        logprobs = torch.log(torch.tensor([probs]))
+        return int(
+            select_candidates(
+                logprobs, values, mode, gamma, steps=torch.tensor([0]), target_lengths=torch.tensor([target]),
+                temperature=0.0, bound_min_prob=floor,
+            )
+        )  # fmt: skip
+
+    # At Most 1: only the stop token fits. At p = 0.005 it is forced without a floor, never with one.
+    assert choose("at_most", [0.6, 0.395, 0.005], 1, floor=0.0) == 2
+    assert choose("at_most", [0.6, 0.395, 0.005], 1, floor=0.01) == 1  # the shortest eligible continuation
+    assert choose("at_most", [0.6, 0.38, 0.02], 1, floor=0.01) == 2  # above the floor: forced as before
+    # At Least 8: the stop token does not fit. At p = 0.995 it is banned without a floor, kept with one.
+    assert choose("at_least", [0.004, 0.001, 0.995], 8, floor=0.0) == 0
+    assert choose("at_least", [0.004, 0.001, 0.995], 8, floor=0.01) == 2  # nothing else is eligible: it stops
+    assert choose("at_least", [0.02, 0.001, 0.979], 8, floor=0.01) == 0
+    # The most likely candidate is always eligible, even under a floor above its probability.
+    assert choose("at_most", [0.4, 0.35, 0.25], 1, floor=0.9) == 0
+
+    # Sampled: 4000 draws of At Most 1 with the stop token at p = 0.005 never pick it (nothing fits -> shortest).
+    logprobs = torch.log(torch.tensor([0.6, 0.3, 0.095, 0.005])).expand(4000, 4)
+    wide = lengths_to_values(torch.tensor([[10.0, 4.0, 6.0, 0.0]]), gamma).expand(4000, 4)
+    choices = select_candidates(
+        logprobs, wide, "at_most", gamma, steps=torch.zeros(4000, dtype=torch.long),
+        target_lengths=torch.full((4000,), 1), generator=torch.Generator().manual_seed(0), bound_min_prob=0.01,
+    )  # fmt: skip
+    assert set(choices.tolist()) == {1}
+    # Equal To keeps the reference rule: the floor applies to the bounds only.
+    assert choose("equal_to", [0.6, 0.395, 0.005], 1, floor=0.5) == 2
+
+
+def chosen_token_probs(policy, prompt, completion):
+    """The policy's probability (temperature 1, full vocabulary) of each token of `completion` after `prompt`, and
+    whether it was the most likely token there."""
+    with torch.no_grad():
+        logits = policy(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]  # (L, V)
+    probs = logits.float().softmax(-1)
+    chosen = torch.tensor(completion)
+    return probs[torch.arange(len(completion)), chosen], probs.argmax(-1) == chosen
+
+
+def test_at_most_generation_never_forces_a_near_zero_probability_stop():
+    """A LenVM that predicts ~47 tokens left after every non-stop token and At Most 3: only the stop token ever fits.
+    Unfloored, every row stops at its first token whatever the stop token's probability; with the floor, every
+    generated token (the stop token included) has probability >= the floor or is the policy's most likely token."""
+    policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB, seed=0, tie=False)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(12.0)  # a peaked policy: some tokens, the stop token among them, are near 0
+    lenvm = make_lenvm(vocab_size=SMALL_VOCAB, constant=5.0)  # v = -sigmoid(5): log(1 + v) / log(0.9) = 47 tokens
+    prompts = [[p, q] for p in range(2, 8) for q in range(2, 8)]  # 36 prompts
+    input_ids = torch.tensor(prompts)
+    floor = 0.05
+    runs = {}
+    for bound_min_prob in (0.0, floor):
+        config = LengthGuidanceConfig(
+            mode="at_most", top_k=8, max_new_tokens=12, stop_token_ids=[EOS], bound_min_prob=bound_min_prob
+        )
+        runs[bound_min_prob] = generate_with_length_guidance(
+            policy, input_ids, None, lenvm, config, target_lengths=3, generator=torch.Generator().manual_seed(0)
+        ).completion_ids
+
+    assert all(completion == [EOS] for completion in runs[0.0])  # the unfloored rule stops at once
+    first_stop_probs = [float(chosen_token_probs(policy, p, [EOS])[0][0]) for p in prompts]
+    assert sum(prob < floor for prob in first_stop_probs) >= 5  # ... often at a stop token the policy rules out
+
+    for prompt, completion in zip(prompts, runs[floor]):
+        probs, most_likely = chosen_token_probs(policy, prompt, completion)
+        assert bool(((probs >= floor) | most_likely).all()), (prompt, completion, probs)
+    assert all(c == [EOS] for p, c, q in zip(prompts, runs[floor], first_stop_probs) if q >= floor)
+    assert all(len(c) > 1 for p, c, q in zip(prompts, runs[floor], first_stop_probs) if q < floor)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation
 
@@ -293,6 +371,8 @@ def test_config_errors_name_the_flag():
         LengthGuidanceConfig(top_k=0)
     with pytest.raises(ValueError, match="--mode"):
         LengthGuidanceConfig(mode="shorter")
+    with pytest.raises(ValueError, match="--bound_min_prob"):
+        LengthGuidanceConfig(bound_min_prob=1.0)
     policy = make_tiny_causal_lm(vocab_size=SMALL_VOCAB)
     with pytest.raises(ValueError, match="target_lengths"):
         generate_with_length_guidance(

@@ -31,7 +31,7 @@ class GuidedEvalArguments(CandidateSamplingConfig):
         num_threads (`int`): `torch.set_num_threads`.
 
         > Candidate set and sampling ([`~lenvm_rl.guidance.CandidateSamplingConfig`], the defaults of
-        > [`~lenvm_rl.guidance.LengthGuidanceConfig`]): `top_k`, `top_p`, `min_p`, `temperature`, and
+        > [`~lenvm_rl.guidance.LengthGuidanceConfig`]): `top_k`, `top_p`, `min_p`, `bound_min_prob`, `temperature`, and
         > `max_new_tokens`, whose default is 512 here (see the comment on the field).
     """
 
