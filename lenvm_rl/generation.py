@@ -196,7 +196,10 @@ def generate_completions(
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError("generate_completions needs a tokenizer with `eos_token_id` and `pad_token_id` set.")
     if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
-        raise ValueError("`max_new_tokens`, `batch_size` and `num_samples` must be at least 1.")
+        raise ValueError(
+            f"max_new_tokens, batch_size and num_samples (--max_new_tokens, --batch_size, --num_samples) must be at "
+            f"least 1, got {max_new_tokens}, {batch_size} and {num_samples}."
+        )
     eos_token_id, pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -48,13 +48,15 @@ VALUE_HEAD_NAME = "value_head.safetensors"
 LENVM_CONFIG_NAME = "lenvm_config.json"
 LENVM_FORMAT_VERSION = 1
 SAVE_IN_PROGRESS_NAME = ".lenvm_save_in_progress"
+# Where a user sets a LenVM's gamma: the error messages name the flag as well as the Python argument.
+GAMMA_FLAGS = "--lenvm_gamma in the RL recipes (ppo_gsm8k.py, grpo_gsm8k.py), --gamma in the others"
 
 
 def check_gamma(gamma: float) -> float:
     if not 0.0 < float(gamma) < 1.0:
         raise ValueError(
-            f"gamma must be in (0, 1), got {gamma}. Pass the discount the LenVM was trained with "
-            "(the paper's released LenVMs use 0.997)."
+            f"gamma must be in (0, 1), got {gamma}. Pass the discount the LenVM was trained with ({GAMMA_FLAGS}; "
+            "`gamma=` in Python; the paper's released LenVMs use 0.997)."
         )
     return float(gamma)
 
@@ -63,13 +65,14 @@ def resolve_gamma(passed: float | None, stored: float | None, path: Path) -> flo
     if passed is None and stored is None:
         raise ValueError(
             f"{path} does not store gamma (a reference-format LenVM has no {LENVM_CONFIG_NAME}): pass the gamma "
-            "it was trained with: --lenvm_gamma 0.997 on the command line of the recipes, or "
+            f"it was trained with on the command line ({GAMMA_FLAGS}, e.g. --lenvm_gamma 0.997), or "
             "LengthValueModel.from_pretrained(path, gamma=0.997) in Python (the paper's released models use 0.997)."
         )
     if passed is not None and stored is not None and not math.isclose(passed, stored, rel_tol=0.0, abs_tol=1e-7):
         raise ValueError(
             f"gamma={passed} was passed but {path / LENVM_CONFIG_NAME} says the LenVM was trained with "
-            f"gamma={stored}; a wrong gamma silently rescales every predicted length. Drop the gamma argument."
+            f"gamma={stored}; a wrong gamma silently rescales every predicted length. Drop the flag ({GAMMA_FLAGS}) "
+            "or the `gamma=` argument."
         )
     return check_gamma(stored if passed is None else passed)
 
@@ -119,7 +122,8 @@ def read_lenvm_config(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(
             f"{file} is not valid JSON ({error}): the file is truncated or was edited by hand. Restore it, or delete it "
-            "and pass gamma explicitly (e.g. --lenvm_gamma 0.997) to load the directory as a reference-format LenVM."
+            f"and pass gamma explicitly ({GAMMA_FLAGS}, `gamma=` in Python) to load the directory as a "
+            "reference-format LenVM."
         ) from None
     if not isinstance(metadata, dict) or not isinstance(metadata.get("gamma", 0.5), int | float):
         raise ValueError(
@@ -149,7 +153,8 @@ def read_value_head(path: Path, hidden_size: int) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ValueError(
             f"{path} has no {VALUE_HEAD_NAME}, so it is a plain language model, not a LenVM. To start a new "
-            f"LenVM from it use LengthValueModel.from_backbone(path, gamma=...); a saved LenVM holds {layout}."
+            "LenVM from it, train one with `recipes/train_lenvm.py --model_name_or_path <it>` or use "
+            f"LengthValueModel.from_backbone(path, gamma=...) in Python; a saved LenVM holds {layout}."
         )
     try:
         with safe_open(file, framework="pt") as handle:

@@ -535,7 +535,10 @@ def resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
     elif not isinstance(lenvm, LengthValueModel):
         raise ValueError(f"`lenvm` must be a LengthValueModel or a local directory, got {type(lenvm).__name__}.")
     elif gamma is not None and not math.isclose(gamma, lenvm.gamma, abs_tol=1e-7):
-        raise ValueError(f"--lenvm_gamma {gamma} differs from the given LenVM's gamma {lenvm.gamma}.")
+        raise ValueError(
+            f"gamma {gamma} (--lenvm_gamma / `lenvm_gamma=` of the RL configs, `gamma=` of load_frozen_lenvm) "
+            f"differs from the given LenVM's gamma {lenvm.gamma}: drop it or pass the LenVM's."
+        )
     return lenvm, lenvm_tokenizer
 
 

@@ -68,8 +68,8 @@ def tokenize_rollouts(
         raise ValueError("tokenize_rollouts needs the LenVM's `tokenizer` when `reuse_token_ids=False`.")
     if max_prompt_length is not None and max_length is not None and max_prompt_length >= max_length:
         raise ValueError(
-            f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length}) "
-            "to leave room for at least one completion token."
+            f"max_prompt_length ({max_prompt_length}, --max_prompt_length) must be smaller than max_length "
+            f"({max_length}, --max_length) to leave room for at least one completion token."
         )
 
     vocab_size = len(tokenizer) if tokenizer is not None else None

@@ -209,9 +209,18 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="num_attention_heads"):
-        DemoWorldConfig(hidden_size=30, num_attention_heads=4)
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), r"--hidden_size \(30\) must be a multiple of --num_attention"),
+        (dict(num_test_problems=0), "--num_test_problems"),
+        (dict(hidden_size=16, number_embedding_frequencies=9), "--number_embedding_frequencies"),
+        (dict(max_steps=0), "--max_steps"),
+    ],
+)
+def test_config_validation_names_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        DemoWorldConfig(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ def test_tokenize_rollouts_retokenises_text_with_the_lenvm_tokenizer():
 def test_tokenize_rollouts_nothing_left_is_a_clear_error():
     with pytest.raises(ValueError, match="include_truncated"):
         tokenize_rollouts(make_records(num=3, truncated_every=1))
+    with pytest.raises(ValueError, match=r"max_prompt_length \(8, --max_prompt_length\) .* \(8, --max_length\)"):
+        tokenize_rollouts(make_records(num=3), max_prompt_length=8, max_length=8)
 
 
 def test_collator_targets_match_the_method_doc():

@@ -205,23 +205,35 @@ def test_bad_value_head_keys_are_named(reference_dir, edit, message):
         LengthValueModel.from_pretrained(reference_dir, gamma=0.997)
 
 
+# Gamma errors name the flags of both kinds of recipes as well as the Python argument.
+GAMMA_FLAGS = r"--lenvm_gamma in the RL recipes \(ppo_gsm8k.py, grpo_gsm8k.py\), --gamma in the others"
+
+
 def test_gamma_must_be_passed_for_reference_checkpoints(reference_dir):
-    with pytest.raises(ValueError, match=r"does not store gamma.*gamma=0\.997"):
+    with pytest.raises(
+        ValueError, match=rf"does not store gamma.*{GAMMA_FLAGS}.*from_pretrained\(path, gamma=0\.997\)"
+    ):
         LengthValueModel.from_pretrained(reference_dir)
 
 
 def test_gamma_passed_must_match_stored(tmp_path, lenvm):
     lenvm.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"gamma=0\.997 was passed but .* gamma=0\.99"):
+    with pytest.raises(ValueError, match=rf"gamma=0\.997 was passed but .* gamma=0\.99.*{GAMMA_FLAGS}.*`gamma=`"):
         LengthValueModel.from_pretrained(tmp_path, gamma=0.997)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 1.5, -0.1])
 def test_gamma_outside_unit_interval(reference_dir, gamma):
-    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=rf"gamma must be in \(0, 1\).*{GAMMA_FLAGS}; `gamma=` in Python"):
         LengthValueModel.from_pretrained(reference_dir, gamma=gamma)
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\)"):
         LengthValueModel.from_backbone(make_tiny_causal_lm("llama"), gamma=gamma)
+
+
+def test_a_plain_language_model_is_not_a_lenvm(tmp_path):
+    make_tiny_causal_lm("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"plain language model.*recipes/train_lenvm.py --model_name_or_path"):
+        LengthValueModel.from_pretrained(tmp_path, gamma=0.99)
 
 
 @pytest.mark.parametrize("config", [BertConfig(), T5Config()], ids=["bert", "t5"])
@@ -333,7 +345,7 @@ def test_load_frozen_lenvm_checks_what_the_trainers_need(tmp_path, lenvm, tiny_t
     assert loaded.gamma == 0.99 and not any(param.requires_grad for param in loaded.parameters())
     with pytest.raises(ValueError, match="mappings differ"):  # the tokenizer saved with the LenVM is compared
         load_frozen_lenvm(tmp_path / "ours", make_tiny_tokenizer(("y", "x")))
-    with pytest.raises(ValueError, match="differs from the given LenVM's gamma"):
+    with pytest.raises(ValueError, match=r"--lenvm_gamma / `lenvm_gamma=`.*`gamma=`.* differs from the given LenVM's"):
         load_frozen_lenvm(lenvm, tiny_tokenizer, gamma=0.9)
     with pytest.raises(ValueError, match="must be a LengthValueModel"):
         load_frozen_lenvm(make_tiny_causal_lm("llama"), tiny_tokenizer)

@@ -97,10 +97,12 @@ def test_methods_select_rows_in_canonical_order():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="trainer"):
+    with pytest.raises(ValueError, match="--trainer"):
         ablation_args(trainer="dpo")
-    with pytest.raises(ValueError, match="seeds"):
+    with pytest.raises(ValueError, match="--seeds"):
         ablation_args(seeds=[])
+    with pytest.raises(ValueError, match="--num_parallel"):
+        ablation_args(num_parallel=0)
     with pytest.raises(ValueError, match=r"\['kimi'\] are not ppo methods"):
         ablation_args(methods=["none", "kimi"])
     with pytest.raises(ValueError, match="gamma of the base config's LenVM"):

@@ -111,6 +111,8 @@ def test_evaluation_excludes_and_counts_truncated_completions(lenvm):
     assert results["mean_sampled_length"] == pytest.approx(sum(sampled) / len(sampled))
     with pytest.raises(ValueError, match="no ground truth"):
         evaluate_length_prediction(lenvm, Dataset.from_list(records[:3]))
+    with pytest.raises(ValueError, match=r"lower min_completions_per_prompt \(--min_completions_per_prompt\)"):
+        evaluate_length_prediction(lenvm, Dataset.from_list(records), min_completions_per_prompt=99)
 
 
 def test_prompts_with_one_finished_completion_are_left_out(lenvm):

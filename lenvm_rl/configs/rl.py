@@ -191,7 +191,7 @@ class AblationArguments:
 
     def __post_init__(self):
         if self.trainer not in self.METHODS:
-            raise ValueError(f"`trainer` must be one of ['grpo', 'ppo'], got {self.trainer!r}.")
+            raise ValueError(f"--trainer must be one of ['grpo', 'ppo'], got {self.trainer!r}.")
         known = self.METHODS[self.trainer]
         if self.methods is None:
             self.methods = list(known)
@@ -199,9 +199,9 @@ class AblationArguments:
         if unknown:
             raise ValueError(f"--methods {unknown} are not {self.trainer} methods: pick from {list(known)}.")
         if not self.seeds:
-            raise ValueError("`seeds` must not be empty.")
+            raise ValueError("--seeds must not be empty.")
         if self.num_parallel < 1:
-            raise ValueError("`num_parallel` must be at least 1.")
+            raise ValueError(f"--num_parallel must be at least 1, got {self.num_parallel}.")
         if self.overlong_cache is not None and self.overlong_cache < 1:
             raise ValueError(f"--overlong_cache must be >= 1 (or None), got {self.overlong_cache}.")
         null_to_none(self, "world_dir")

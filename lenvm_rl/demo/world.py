@@ -118,13 +118,16 @@ class DemoWorldConfig:
 
     def __post_init__(self):
         if self.num_train_problems < 1 or self.num_test_problems < 1:
-            raise ValueError("`num_train_problems` and `num_test_problems` must be at least 1.")
+            raise ValueError("--num_train_problems and --num_test_problems must be at least 1.")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError("`hidden_size` must be a multiple of `num_attention_heads`.")
+            raise ValueError(
+                f"--hidden_size ({self.hidden_size}) must be a multiple of --num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
         if 2 * self.number_embedding_frequencies > self.hidden_size:
-            raise ValueError("`number_embedding_frequencies` must be at most `hidden_size / 2`.")
+            raise ValueError("--number_embedding_frequencies must be at most --hidden_size / 2.")
         if self.max_steps < 1:
-            raise ValueError("`max_steps` must be at least 1.")
+            raise ValueError("--max_steps must be at least 1.")
 
 
 def _make_policy(config: DemoWorldConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:

@@ -140,7 +140,7 @@ def evaluate_length_prediction(
     if not groups:
         raise ValueError(
             f"No prompt has {min_completions_per_prompt} finished completions: sample more completions per prompt, "
-            "a larger max_new_tokens, or lower min_completions_per_prompt."
+            "a larger --max_new_tokens, or lower min_completions_per_prompt (--min_completions_per_prompt)."
         )
     prompt_ids = list(groups)
     rows = [torch.tensor(members) for members in groups.values()]
