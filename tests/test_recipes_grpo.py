@@ -16,6 +16,7 @@ from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
+import grpo_gsm8k  # noqa: E402
 from grpo_gsm8k import GRPOScriptArguments, length_penalty_reward, main  # noqa: E402
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("grpo_*.yaml"))
@@ -165,3 +166,46 @@ def test_accelerate_launch_zero3(tiny_world, tmp_path):
     # The policy was gathered from its ZeRO-3 shards into a whole, loadable checkpoint.
     with safe_open(output_dir / "model.safetensors", framework="pt") as handle:
         assert all(handle.get_slice(key).get_shape() != [0] for key in handle.keys())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prompt-format check
+
+
+class LoadingThePolicy(Exception):
+    """Raised in place of loading the policy: main() has run its checks on the arguments by then."""
+
+
+def prompt_check_setup(tmp_path, monkeypatch, recipe):
+    """A tokenizer, a one-problem GSM8K file and a LenVM directory whose metadata says its prompts carried an
+    instruction; loading the policy stops main()."""
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"question": "what is 2 + 3 ?", "answer": "#### 5"}))
+    (tmp_path / "lenvm").mkdir()
+    lenvm_config = {"format_version": 1, "gamma": 0.9, "prompt_format": {"system_prompt": None, "instruction": "End."}}
+    (tmp_path / "lenvm" / "lenvm_config.json").write_text(json.dumps(lenvm_config))
+
+    def stop(*args, **kwargs):
+        raise LoadingThePolicy
+
+    monkeypatch.setattr(recipe.AutoModelForCausalLM, "from_pretrained", stop)
+    return [
+        f"--model_name_or_path={tmp_path / 'tokenizer'}",
+        f"--dataset_name={tmp_path / 'data'}",
+        f"--lenvm_model_name_or_path={tmp_path / 'lenvm'}",
+        "--num_eval_problems=0",
+        f"--output_dir={tmp_path / 'run'}",
+        "--report_to=none",
+    ]
+
+
+@pytest.mark.parametrize("instruction, warned", [("End.", False), ("Think first.", True), ("null", True)])
+def test_main_warns_when_its_prompts_are_not_the_lenvms(tmp_path, monkeypatch, caplog, instruction, warned):
+    flags = prompt_check_setup(tmp_path, monkeypatch, grpo_gsm8k)
+    parser = TrlParser((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig))
+    args = parser.parse_args_and_config([*flags, f"--instruction={instruction}", "--use_cpu=true", "--bf16=false"])
+    with caplog.at_level("WARNING", logger="lenvm_rl.data"), pytest.raises(LoadingThePolicy):
+        main(*args)
+    assert ("not built like the LenVM's training prompts" in caplog.text) == warned
+    assert ("--instruction (LenVM: 'End.'" in caplog.text) == warned

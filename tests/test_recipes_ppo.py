@@ -265,3 +265,45 @@ def test_accelerate_launch_zero3(tiny_world, tmp_path):
     start, final = policy_weights(tiny_world / "policy"), policy_weights(output_dir)
     assert start.keys() == final.keys() and all(start[k].shape == final[k].shape for k in start)
     assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prompt-format check
+
+
+class LoadingThePolicy(Exception):
+    """Raised in place of loading the policy: main() has run its checks on the arguments by then."""
+
+
+def prompt_check_setup(tmp_path, monkeypatch, recipe):
+    """A tokenizer, a one-problem GSM8K file and a LenVM directory whose metadata says its prompts carried an
+    instruction; loading the policy stops main()."""
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"question": "what is 2 + 3 ?", "answer": "#### 5"}))
+    (tmp_path / "lenvm").mkdir()
+    lenvm_config = {"format_version": 1, "gamma": 0.9, "prompt_format": {"system_prompt": None, "instruction": "End."}}
+    (tmp_path / "lenvm" / "lenvm_config.json").write_text(json.dumps(lenvm_config))
+
+    def stop(*args, **kwargs):
+        raise LoadingThePolicy
+
+    monkeypatch.setattr(recipe.AutoModelForCausalLM, "from_pretrained", stop)
+    return [
+        f"--model_name_or_path={tmp_path / 'tokenizer'}",
+        f"--dataset_name={tmp_path / 'data'}",
+        f"--lenvm_model_name_or_path={tmp_path / 'lenvm'}",
+        "--num_eval_problems=0",
+        f"--output_dir={tmp_path / 'run'}",
+        "--report_to=none",
+    ]
+
+
+@pytest.mark.parametrize("instruction, warned", [("End.", False), ("Think first.", True), ("null", True)])
+def test_main_warns_when_its_prompts_are_not_the_lenvms(tmp_path, monkeypatch, caplog, instruction, warned):
+    flags = prompt_check_setup(tmp_path, monkeypatch, ppo_gsm8k)
+    parser = TrlParser((PPOScriptArguments, LenVMPPOConfig, ModelConfig))
+    with caplog.at_level("WARNING", logger="lenvm_rl.data"), pytest.raises(LoadingThePolicy):
+        main(*parser.parse_args_and_config([*flags, f"--instruction={instruction}"]))
+    assert ("not built like the LenVM's training prompts" in caplog.text) == warned
+    assert ("--instruction (LenVM: 'End.'" in caplog.text) == warned
