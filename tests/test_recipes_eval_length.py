@@ -164,6 +164,7 @@ def test_eval_length_prediction_recipe(tmp_path, lenvm, capsys):
         "args",
         "gamma",
         "generator_model",
+        "min_completions_per_prompt",
         "num_prompts",
         "num_completions",
         "num_truncated_excluded",
@@ -189,7 +190,10 @@ def test_eval_length_prediction_recipe(tmp_path, lenvm, capsys):
     assert results["baselines"]["num_train_completions"] == 18
     assert set(results["per_prompt"]) >= {"prompt_id", "true_length", "predicted_length", "regression_length"}
     assert (tmp_path / "out" / "eval_length_prediction.png").stat().st_size > 0
-    assert format_length_prediction_table(results) in capsys.readouterr().out
+    table = format_length_prediction_table(results)
+    assert table in capsys.readouterr().out
+    rule = next(line for line in table.splitlines() if line.startswith("prompts in the MRE"))
+    assert rule.endswith("those with >= 2 finished completions (0 left out)")  # the paper's rule, said
 
 
 def test_eval_length_prediction_arguments_from_yaml(tmp_path):

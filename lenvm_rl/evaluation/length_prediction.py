@@ -83,7 +83,7 @@ def evaluate_length_prediction(
     Returns:
         `dict`: JSON-ready results:
 
-        - ``gamma``, ``generator_model`` (the LenVM's);
+        - ``gamma``, ``generator_model`` (the LenVM's), ``min_completions_per_prompt`` (the rule applied);
         - ``num_prompts`` (prompts scored), ``num_completions`` (finished completions scored),
           ``num_truncated_excluded`` (completions cut at the cap, left out), ``num_prompts_excluded`` (prompts
           without a finished completion), ``num_value_targets`` (positions in ``value_mse``);
@@ -201,6 +201,7 @@ def evaluate_length_prediction(
     return {
         "gamma": gamma,
         "generator_model": model.generator_model,
+        "min_completions_per_prompt": min_completions_per_prompt,
         "num_prompts": len(prompt_ids),
         "num_completions": len(finished),
         "num_truncated_excluded": len(eval_dataset) - len(finished),
@@ -311,6 +312,14 @@ def format_length_prediction_table(results: dict) -> str:
     )
     counts = (results["num_prompts"], results["num_completions"], results["num_truncated_excluded"])
     rows.append(("prompts / completions / truncated", " / ".join(map(str, counts))))
+    if "min_completions_per_prompt" in results:  # results saved before the rule was recorded lack it
+        rows.append(
+            (
+                "prompts in the MRE",
+                f"those with >= {results['min_completions_per_prompt']} finished completions "
+                f"({results['num_prompts_excluded']} left out)",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
