@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig, SFTConfig, TrlParser
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -17,6 +17,7 @@ from eval_tradeoff import EvalTradeoffArguments  # noqa: E402
 from grpo_gsm8k import GRPOScriptArguments  # noqa: E402
 from ppo_gsm8k import PPOScriptArguments  # noqa: E402
 from sample_rollouts import SampleRolloutsArguments  # noqa: E402
+from sft import SFTScriptArguments  # noqa: E402
 from train_lenvm import TrainLenVMScriptArguments  # noqa: E402
 
 from lenvm_rl.trainers.lenvm import LenVMConfig  # noqa: E402
@@ -34,6 +35,7 @@ RECIPES = {
     "demo.yaml": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),  # the offline demo world's PPO run
     "length_control_": (EvalLengthControlArguments,),
     "tradeoff_": (EvalTradeoffArguments,),
+    "sft_": (SFTScriptArguments, SFTConfig, ModelConfig),
 }
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
