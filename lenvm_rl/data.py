@@ -181,9 +181,15 @@ def prompt_format_of(prompt: list[dict[str, str]] | str, question: str | None) -
     return {"system_prompt": system, "instruction": user[len(question) :].strip() or None}
 
 
-def check_prompt_format(lenvm_prompt_format: dict | None, system_prompt: str | None, instruction: str | None) -> None:
-    """Warn when RL prompts are not built the way the LenVM's training prompts were: LenVM values are conditioned on
-    the prompt, so another system prompt or instruction shifts every predicted length."""
+def check_prompt_format(
+    lenvm_prompt_format: dict | None,
+    system_prompt: str | None,
+    instruction: str | None,
+    prompts: str = "RL prompts",
+) -> None:
+    """Warn when RL (or evaluation: `prompts` names them) prompts are not built the way the LenVM's training prompts
+    were: LenVM values are conditioned on the prompt, so another system prompt or instruction shifts every predicted
+    length."""
     if not lenvm_prompt_format:
         return
     ours = {"system_prompt": system_prompt or None, "instruction": (instruction or "").strip() or None}
@@ -193,7 +199,8 @@ def check_prompt_format(lenvm_prompt_format: dict | None, system_prompt: str | N
     if differing:
         flags = ", ".join(f"--{key} (LenVM: {theirs!r}, here: {mine!r})" for key, (theirs, mine) in differing.items())
         logger.warning(
-            "The RL prompts are not built like the LenVM's training prompts: %s. Its length predictions are "
+            "The %s are not built like the LenVM's training prompts: %s. Its length predictions are "
             "conditioned on the prompt; pass the same values (or retrain the LenVM on these prompts).",
+            prompts,
             flags,
         )

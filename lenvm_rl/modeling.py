@@ -492,6 +492,7 @@ def load_frozen_lenvm(
     policy_tokenizer,
     gamma: float | None = None,
     lenvm_tokenizer=None,
+    **kwargs,
 ) -> "LengthValueModel":
     """
     A frozen LenVM checked to read a policy's token ids: what the LenVM trainers do with `lenvm=` or
@@ -511,21 +512,24 @@ def load_frozen_lenvm(
             The LenVM's discount: required for a reference-format directory, checked otherwise.
         lenvm_tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*):
             The LenVM's tokenizer, if not saved in its directory.
+        **kwargs:
+            Passed to [`LengthValueModel.from_pretrained`] when `lenvm` is a directory (e.g. `dtype`).
 
     Returns:
         [`LengthValueModel`]: the LenVM, frozen with [`freeze_model`].
     """
-    lenvm, lenvm_tokenizer = resolve_lenvm(lenvm, gamma, lenvm_tokenizer)
+    lenvm, lenvm_tokenizer = resolve_lenvm(lenvm, gamma, lenvm_tokenizer, **kwargs)
     check_lenvm_reads_policy_ids(lenvm, policy_tokenizer, lenvm_tokenizer)
     return freeze_model(lenvm)
 
 
 # ---------------------------------------------------------------------- loading helpers
-def resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer):
-    """The LenVM (loaded if a directory, its gamma checked if a model) and its tokenizer if one is known."""
+def resolve_lenvm(lenvm, gamma: float | None, lenvm_tokenizer, **kwargs):
+    """The LenVM (loaded if a directory, with `kwargs` for `from_pretrained`; its gamma checked if a model) and its
+    tokenizer if one is known."""
     if isinstance(lenvm, str | os.PathLike):
         path = lenvm
-        lenvm = LengthValueModel.from_pretrained(path, gamma=gamma)
+        lenvm = LengthValueModel.from_pretrained(path, gamma=gamma, **kwargs)
         if lenvm_tokenizer is None and any(
             os.path.isfile(os.path.join(path, name)) for name in ("tokenizer_config.json", "tokenizer.json")
         ):

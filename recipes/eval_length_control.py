@@ -13,7 +13,10 @@ completion
 - guided: `lenvm_rl.guidance` with the constraint's mode and target ``T``;
 
 scored with the LIFEBench Length Score and Length Deviation (`lenvm_rl.metrics.length_score`,
-`length_deviation`) and with answer accuracy. Writes `length_control.json` and `length_control.png`.
+`length_deviation`), the fraction of completions that satisfy the constraint (At Most: ``L <= T``; At Least:
+``L >= T``; Equal To: ``|L - T| <= 10% of T``) and answer accuracy. The JSON keeps every run's lengths (for
+confidence intervals) and its first `num_examples` decoded completions. Writes `length_control.json` and
+`length_control.png`.
 """
 
 import json
@@ -32,17 +35,35 @@ from lenvm_rl.rewards import extract_gsm8k_answer
 RESULTS_NAME = "length_control"  # length_control.json and length_control.png
 
 
-def summarize(tokenizer, completions, finish_reasons, golds, targets, constraint) -> dict:
-    """LIFEBench Length Score / Deviation, mean length, accuracy and truncated fraction of one run."""
+EQUAL_TO_TOLERANCE = 0.1  # Equal To counts as satisfied within 10% of the target
+
+
+def fraction_satisfied(lengths: torch.Tensor, target: int, constraint: str) -> float:
+    """Share of completions meeting the constraint: `L <= T`, `L >= T`, or `|L - T| <= 10% T` for Equal To."""
+    if constraint == "at_most":
+        ok = lengths <= target
+    elif constraint == "at_least":
+        ok = lengths >= target
+    else:
+        ok = (lengths - target).abs() <= EQUAL_TO_TOLERANCE * target
+    return float(ok.double().mean())
+
+
+def summarize(tokenizer, completions, finish_reasons, golds, targets, constraint, num_examples=0) -> dict:
+    """LIFEBench Length Score / Deviation, constraint satisfaction, mean length, accuracy and truncated fraction of
+    one run, with its lengths and its first `num_examples` decoded completions."""
     lengths = torch.tensor([len(c) for c in completions])
     scores, deviations = length_score(lengths, targets, constraint), length_deviation(lengths, targets)
     return {
         "length_score": float(scores.mean()),
         "length_deviation": float(deviations.mean()),
         "abs_length_deviation": float(deviations.abs().mean()),
+        "fraction_satisfied": fraction_satisfied(lengths, targets, constraint),
         "mean_length": float(lengths.double().mean()),
         "accuracy": sum(a == g for a, g in zip(decode_answers(tokenizer, completions), golds)) / len(golds),
         "fraction_truncated": sum(r == "length" for r in finish_reasons) / len(finish_reasons),
+        "lengths": lengths.tolist(),
+        "examples": [tokenizer.decode(c) for c in completions[:num_examples]],
     }
 
 
@@ -70,15 +91,20 @@ def main(script_args: EvalLengthControlArguments) -> dict:
             guided = guided_generate_completions(
                 policy, tokenizer, prompts, lenvm, config, [target] * len(prompts), **run
             )
+            n = script_args.num_examples
             per_target[str(target)] = {
                 "unguided": summarize(
-                    tokenizer, unguided.completion_ids, unguided.finish_reasons, golds, target, constraint
+                    tokenizer, unguided.completion_ids, unguided.finish_reasons, golds, target, constraint, n
                 ),
                 "guided": summarize(
-                    tokenizer, guided.completion_ids, guided.finish_reasons, golds, target, constraint
+                    tokenizer, guided.completion_ids, guided.finish_reasons, golds, target, constraint, n
                 ),
             }
-            print(constraint, target, json.dumps(per_target[str(target)]))
+            brief = {
+                side: {k: v for k, v in r.items() if k not in ("lengths", "examples")}
+                for side, r in per_target[str(target)].items()
+            }
+            print(constraint, target, json.dumps(brief))
         results["constraints"][constraint] = {
             "per_target": per_target,
             "mean_length_score": {
@@ -96,6 +122,7 @@ def main(script_args: EvalLengthControlArguments) -> dict:
 def format_table(results: dict) -> str:
     lines = [
         f"{'constraint':<10} {'T':>5}  {'LS unguided':>11} {'LS guided':>9}  {'len unguided':>12} {'len guided':>10}"
+        f"  {'met unguided':>12} {'met guided':>10}"
     ]
     for constraint, block in results["constraints"].items():
         for target, r in block["per_target"].items():
@@ -103,6 +130,7 @@ def format_table(results: dict) -> str:
             lines.append(
                 f"{constraint:<10} {target:>5}  {u['length_score']:>11.1f} {g['length_score']:>9.1f}  "
                 f"{u['mean_length']:>12.1f} {g['mean_length']:>10.1f}"
+                f"  {u['fraction_satisfied']:>12.2f} {g['fraction_satisfied']:>10.2f}"
             )
         mean = block["mean_length_score"]
         lines.append(f"{constraint:<10} {'mean':>5}  {mean['unguided']:>11.1f} {mean['guided']:>9.1f}")

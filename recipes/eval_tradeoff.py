@@ -7,7 +7,9 @@
 Each held-out problem gets `num_samples` completions per tilt strength `beta` (``p'(x) ∝ p(x) exp(beta u(x))``,
 `lenvm_rl.guidance`; `beta = 0` is the untilted policy). The baseline cuts the `beta = 0` completions at a budget
 of `B` tokens and counts a cut answer as wrong (`lenvm_rl.metrics.token_budget_curve`). Each tilt point is compared
-with the budget curve at the same mean number of tokens (linear interpolation). Writes `tradeoff.json` and
+with the budget curve at the same mean number of tokens (linear interpolation; `matched_budget` is the budget `B`
+whose mean tokens equal the tilt point's). Each run keeps its per-completion `lengths` and `correct` flags (for
+confidence intervals) and its first `num_examples` decoded completions. Writes `tradeoff.json` and
 `tradeoff.png` in the format of `recipes/eval_gsm8k.py` (`lenvm_rl.evaluation.write_tradeoff_results`): one run per
 beta, joined as the "LenVM tilt" series, the `beta = 0` run carrying the budget curve; `tilt` adds the comparison at
 matched tokens. Here a completion is correct only if it also stopped with EOS before the cap.
@@ -52,6 +54,7 @@ def main(script_args: EvalTradeoffArguments) -> dict:
             "lengths": lengths,
             "correct": correct,
             "stats": accuracy_length_stats(lengths, correct, truncated),
+            "examples": [tokenizer.decode(c) for c in out.completion_ids[: script_args.num_examples]],
         }
         print(f"beta={beta}: accuracy {np.mean(correct):.3f}, mean tokens {np.mean(lengths):.1f}")
 
@@ -68,11 +71,13 @@ def main(script_args: EvalTradeoffArguments) -> dict:
             "beta": beta,
             "mean_tokens": mean_tokens,
             "accuracy": accuracy,
+            "matched_budget": float(np.interp(mean_tokens, budget["mean_tokens"], budget["budgets"])),
             "budget_accuracy_at_same_tokens": matched,
             "accuracy_gain_over_budget": accuracy - matched,
         }
         points.append(point)
-        runs.append({"label": f"β={beta:g}", **point, **run["stats"], "series": "LenVM tilt"})
+        per_completion = {key: run[key] for key in ("lengths", "correct", "examples")}
+        runs.append({"label": f"β={beta:g}", **point, **run["stats"], "series": "LenVM tilt", **per_completion})
         if beta == 0.0:
             runs[-1]["budget_curve"] = budget
     results = {
@@ -84,10 +89,11 @@ def main(script_args: EvalTradeoffArguments) -> dict:
         "runs": runs,
     }
     json_path, png_path = write_tradeoff_results(results, script_args.output_dir, RESULTS_NAME)
-    print(f"{'beta':>7} {'mean tokens':>11} {'accuracy':>8} {'budget acc.':>11}")
+    print(f"{'beta':>7} {'mean tokens':>11} {'accuracy':>8} {'budget B':>8} {'budget acc.':>11}")
     for p in points:
         print(
-            f"{p['beta']:>7g} {p['mean_tokens']:>11.1f} {p['accuracy']:>8.3f} {p['budget_accuracy_at_same_tokens']:>11.3f}"
+            f"{p['beta']:>7g} {p['mean_tokens']:>11.1f} {p['accuracy']:>8.3f} {p['matched_budget']:>8.1f} "
+            f"{p['budget_accuracy_at_same_tokens']:>11.3f}"
         )
     print(f"Wrote {json_path} and {png_path}")
     return results

@@ -495,10 +495,16 @@ def test_recipes_end_to_end(tmp_path):  # about 6 s on 2 cores
     )
     assert set(out["constraints"]) == {"equal_to", "at_most", "at_least"}
     assert (tmp_path / "lc" / "length_control.png").is_file()
+    run = out["constraints"]["at_most"]["per_target"]["8"]["guided"]
+    assert len(run["lengths"]) == 6 and len(run["examples"]) == 2
+    assert run["fraction_satisfied"] == sum(n <= 8 for n in run["lengths"]) / 6
 
     tradeoff = importlib.import_module("eval_tradeoff")
     out = tradeoff.main(tradeoff.EvalTradeoffArguments(output_dir=str(tmp_path / "to"), betas=[0.0, -5.0], **common))
     assert len(out["tilt"]) == 2 and (tmp_path / "to" / "tradeoff.png").is_file()
+    base = next(run for run in out["runs"] if run["beta"] == 0.0)
+    assert len(base["lengths"]) == len(base["correct"]) == 6 and len(base["examples"]) == 2
+    assert base["matched_budget"] >= max(base["lengths"])  # the untilted run matches the budget that cuts nothing
 
     predict = importlib.import_module("predict_length")
     (tmp_path / "prompts.jsonl").write_text(
@@ -523,6 +529,40 @@ def test_recipes_end_to_end(tmp_path):  # about 6 s on 2 cores
                                                    output_dir=str(tmp_path / "lt"), min_count=1))  # fmt: skip
     assert out["num_tokens"] == sum(len(r["completion_ids"]) for r in records)
     assert (tmp_path / "lt" / "completion.html").read_text().count('class="tok"') == len(records[0]["completion_ids"])
+
+
+def test_load_guided_eval_dtype_and_prompt_format(tmp_path, caplog):
+    """`--dtype bfloat16` loads the policy and the LenVM backbone in bfloat16 (head float32), and prompts built
+    unlike the LenVM's training prompts are named in a warning (a real LenVM records its `prompt_format`)."""
+    import json
+    import logging
+
+    from lenvm_rl.configs import GuidedEvalArguments
+    from lenvm_rl.evaluation import load_guided_eval
+
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_causal_lm(seed=0).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    lenvm = make_lenvm()
+    lenvm.prompt_format = {"system_prompt": None, "instruction": "End with #### N."}
+    lenvm.save_pretrained(tmp_path / "lenvm", tokenizer=tokenizer)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text(json.dumps({"question": "he has 2 pens", "answer": "#### 2"}) + "\n")
+    common = dict(policy_path=str(tmp_path / "policy"), lenvm_path=str(tmp_path / "lenvm"), output_dir=str(tmp_path),
+                  dataset_name=str(tmp_path / "data"), num_problems=1)  # fmt: skip
+
+    with caplog.at_level(logging.WARNING, logger="lenvm_rl.data"):
+        policy, _, lenvm, _ = load_guided_eval(GuidedEvalArguments(instruction="End with #### N.", **common))
+        assert not caplog.text
+        assert policy.dtype == lenvm.backbone.dtype == torch.float32
+        policy, _, lenvm, _ = load_guided_eval(GuidedEvalArguments(dtype="bfloat16", **common))
+    assert policy.dtype == lenvm.backbone.dtype == torch.bfloat16
+    assert lenvm.v_head.summary.weight.dtype == torch.float32
+    assert (
+        "evaluation prompts" in caplog.text and "--instruction (LenVM: 'End with #### N.', here: None)" in caplog.text
+    )
+    with pytest.raises(ValueError, match="--dtype"):
+        GuidedEvalArguments(dtype="bf16", **common)
 
 
 def test_a_lenvm_with_a_smaller_vocabulary_is_refused():
