@@ -32,6 +32,14 @@ lenvm() {
   fi
 }
 
+length_eval() {
+  if [ -f "$OUT/eval_length_prediction.json" ]; then
+    echo "reusing $OUT/eval_length_prediction.json (delete it to re-evaluate)"
+  else
+    $PY recipes/eval_length_prediction.py --config recipes/configs/eval_length_demo_smollm2.yaml
+  fi
+}
+
 step "1/8 SmolLM2-135M-Instruct checkpoint (cached)" $PY -m lenvm_rl.smollm2 --output_dir outputs/smollm2/model
 step "2/8 demo world problems (cached)" $PY -m lenvm_rl.demo build --output_dir outputs/demo/world
 step "3/8 SFT on demo solutions" $PY recipes/sft.py --config recipes/configs/sft_demo_smollm2.yaml
@@ -39,8 +47,7 @@ step "4/8 rollouts: 256 train prompts x 4, 64 held-out x 8" bash -c \
   "$PY recipes/sample_rollouts.py --config recipes/configs/rollouts_demo_smollm2.yaml &&
    $PY recipes/sample_rollouts.py --config recipes/configs/rollouts_demo_smollm2_eval.yaml"
 step "5/8 LenVM pretraining" lenvm
-step "6/8 length prediction on held-out prompts" \
-  $PY recipes/eval_length_prediction.py --config recipes/configs/eval_length_demo_smollm2.yaml
+step "6/8 length prediction on held-out prompts" length_eval
 # PPO and GRPO at once, one core each (OMP_NUM_THREADS=1): 2 cores do both in the time of the longer.
 step "7/8 PPO with and without the LenVM, seeds 0-1" $PY recipes/ablate_length.py \
   --base_config recipes/configs/ppo_demo_smollm2.yaml --output_dir "$OUT/ppo" --world_dir outputs/demo/world \
