@@ -214,8 +214,18 @@ def _command(args: AblationArguments, flags: list[str], seed: int, run_dir: Path
     command = [sys.executable, str(RECIPES[args.trainer]), "--config", args.base_config]
     command += ["--output_dir", str(run_dir), "--seed", str(seed), *flags]
     if args.max_steps is not None:
-        command += ["--max_steps", str(args.max_steps)]
+        command += _max_steps_flags(args)
     return command
+
+
+def _max_steps_flags(args: AblationArguments) -> list[str]:
+    """`--max_steps` updates in every run. PPO counts its updates in rollouts (`total_episodes`; it ignores
+    `max_steps`, as TRL's did), so there it becomes `total_episodes = max_steps x rollouts per update` of one process."""
+    if args.trainer != "ppo":
+        return ["--max_steps", str(args.max_steps)]
+    base = yaml.safe_load(Path(args.base_config).read_text()) or {}
+    per_update = base.get("per_device_train_batch_size", 8) * base.get("gradient_accumulation_steps", 1)
+    return ["--total_episodes", str(args.max_steps * per_update)]
 
 
 def _evaluations(results: dict) -> tuple[dict | None, dict | None]:

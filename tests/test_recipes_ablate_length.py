@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import ablate_length  # noqa: E402
 from ablate_length import (  # noqa: E402
     AblationArguments,
+    _command,
     ablation_rows,
     base_lenvm_gamma,
     main,
@@ -242,6 +243,16 @@ def test_reference_floor_counts_with_the_base_configs_tokenizer(demo_world, tmp_
     concise = [len(write_demo_solution(p, random.Random(0), style="concise")[0]) + 1 for p in problems[:4]]
     assert floor["style"] == "concise" and floor["tokens"] == concise  # characters + the EOS
     assert floor["tokens"] != reference_floor(world, {**config, "model_name_or_path": None})["tokens"]
+
+
+def test_max_steps_sets_the_updates_of_ppo_and_grpo_runs(tmp_path):
+    """PPO ignores max_steps (its updates follow total_episodes), so --max_steps must become total_episodes there."""
+    base = tmp_path / "base.yaml"
+    base.write_text("per_device_train_batch_size: 2\ngradient_accumulation_steps: 4\n")
+    ppo = _command(ablation_args(base_config=str(base), max_steps=100), [], 0, tmp_path / "run")
+    assert ppo[ppo.index("--total_episodes") + 1] == "800" and "--max_steps" not in ppo
+    grpo = _command(ablation_args(base_config=str(base), max_steps=100, trainer="grpo"), [], 0, tmp_path / "run")
+    assert grpo[grpo.index("--max_steps") + 1] == "100" and "--total_episodes" not in grpo
 
 
 def fake_evaluation(num_wrong: int, tokens: int, num_problems: int = 6) -> dict:

@@ -131,7 +131,7 @@ class AblationArguments:
         overlong_cache (`int` or `None`): Cache of the row with TRL's soft overlong punishment (GRPO only).
         world_dir (`str` or `None`): The demo world (`outputs/demo/world`) the base config evaluates on: adds the
             share of removable verbosity removed, against its most concise reference style.
-        max_steps (`int` or `None`): Overrides `max_steps` in every run.
+        max_steps (`int` or `None`): Updates of every run (PPO: `total_episodes` = this x rollouts per update).
         num_parallel (`int`): Runs at once (one CPU thread each).
         collect_only (`bool`): Launch nothing; summarise the runs finished so far.
     """
@@ -185,7 +185,9 @@ class AblationArguments:
         default=None,
         metadata={"help": "The demo world the base config evaluates on: adds the removable-verbosity column."},
     )
-    max_steps: int | None = field(default=None, metadata={"help": "Overrides max_steps in every run."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Updates of every run (PPO: total_episodes = this x rollouts per update)."}
+    )
     num_parallel: int = field(default=2, metadata={"help": "Runs at once (one CPU thread each)."})
     collect_only: bool = field(default=False, metadata={"help": "Launch nothing; summarise the runs finished so far."})
 
