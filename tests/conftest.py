@@ -4,6 +4,7 @@ Nothing here touches a hub: tokenizers are trained-free word-level vocabularies 
 initialised Llama- and Qwen2-style configs small enough to run a forward in milliseconds on a CPU.
 """
 
+import json
 import os
 
 import pytest
@@ -81,3 +82,31 @@ def tiny_causal_lm_dir(tmp_path_factory, tiny_tokenizer, tiny_arch):
     make_tiny_causal_lm(tiny_arch).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+class LoadingThePolicy(Exception):
+    """Raised in place of loading the policy: main() has run its checks on the arguments by then."""
+
+
+def prompt_check_setup(tmp_path, monkeypatch, recipe):
+    """A tokenizer, a one-problem GSM8K file and a LenVM directory whose metadata says its prompts carried an
+    instruction; loading the policy stops main()."""
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"question": "what is 2 + 3 ?", "answer": "#### 5"}))
+    (tmp_path / "lenvm").mkdir()
+    lenvm_config = {"format_version": 1, "gamma": 0.9, "prompt_format": {"system_prompt": None, "instruction": "End."}}
+    (tmp_path / "lenvm" / "lenvm_config.json").write_text(json.dumps(lenvm_config))
+
+    def stop(*args, **kwargs):
+        raise LoadingThePolicy
+
+    monkeypatch.setattr(recipe.AutoModelForCausalLM, "from_pretrained", stop)
+    return [
+        f"--model_name_or_path={tmp_path / 'tokenizer'}",
+        f"--dataset_name={tmp_path / 'data'}",
+        f"--lenvm_model_name_or_path={tmp_path / 'lenvm'}",
+        "--num_eval_problems=0",
+        f"--output_dir={tmp_path / 'run'}",
+        "--report_to=none",
+    ]

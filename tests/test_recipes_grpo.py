@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import LoadingThePolicy, make_tiny_causal_lm, make_tiny_tokenizer, prompt_check_setup
 from safetensors import safe_open
 from trl import ModelConfig, TrlParser
 
@@ -170,34 +170,6 @@ def test_accelerate_launch_zero3(tiny_world, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The prompt-format check
-
-
-class LoadingThePolicy(Exception):
-    """Raised in place of loading the policy: main() has run its checks on the arguments by then."""
-
-
-def prompt_check_setup(tmp_path, monkeypatch, recipe):
-    """A tokenizer, a one-problem GSM8K file and a LenVM directory whose metadata says its prompts carried an
-    instruction; loading the policy stops main()."""
-    make_tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"question": "what is 2 + 3 ?", "answer": "#### 5"}))
-    (tmp_path / "lenvm").mkdir()
-    lenvm_config = {"format_version": 1, "gamma": 0.9, "prompt_format": {"system_prompt": None, "instruction": "End."}}
-    (tmp_path / "lenvm" / "lenvm_config.json").write_text(json.dumps(lenvm_config))
-
-    def stop(*args, **kwargs):
-        raise LoadingThePolicy
-
-    monkeypatch.setattr(recipe.AutoModelForCausalLM, "from_pretrained", stop)
-    return [
-        f"--model_name_or_path={tmp_path / 'tokenizer'}",
-        f"--dataset_name={tmp_path / 'data'}",
-        f"--lenvm_model_name_or_path={tmp_path / 'lenvm'}",
-        "--num_eval_problems=0",
-        f"--output_dir={tmp_path / 'run'}",
-        "--report_to=none",
-    ]
 
 
 @pytest.mark.parametrize("instruction, warned", [("End.", False), ("Think first.", True), ("null", True)])
