@@ -119,7 +119,6 @@ def _grpo_sweeps(args: AblationArguments) -> dict[str, list[tuple[str, float, li
     def baseline(flag: str, value: float, *extra: str) -> list[str]:
         return ["--length_coef", "0", flag, f"{value:g}", *extra]
 
-    overlong = [args.overlong_cache] if args.overlong_cache is not None else []
     return {
         "grpo": [("grpo", 0.0, ["--length_coef", "0"])],
         "penalty": [(f"grpo+penalty a={a:g}", a, baseline("--length_penalty_coef", a)) for a in args.penalty_coefs],
@@ -132,7 +131,14 @@ def _grpo_sweeps(args: AblationArguments) -> dict[str, list[tuple[str, float, li
             for a in args.correct_only_penalty_coefs
         ],
         "kimi": [(f"grpo+kimi c={k:g}", k, baseline("--kimi_length_coef", k)) for k in args.kimi_coefs],
-        "overlong": [("grpo+overlong", float(n), baseline("--soft_overlong_cache", n)) for n in overlong],
+        "overlong": [
+            (
+                f"grpo+overlong L={n}",
+                float(n),
+                baseline("--soft_overlong_max_length", n, "--soft_overlong_cache", str(n // 3)),
+            )
+            for n in args.overlong_max_lengths
+        ],
         "advantage": [(f"grpo+lenvm s={s:g}", s, ["--length_coef", f"{s:g}"]) for s in args.advantage_coefs],
         "unpretrained": [
             (f"grpo+unpretrained s={s:g}", s, ["--length_coef", f"{s:g}"]) for s in args.unpretrained_coefs

@@ -10,9 +10,10 @@ The reward is GSM8K accuracy ([`~lenvm_rl.gsm8k_accuracy_reward`]). Without `len
 plain `trl.GRPOTrainer`; with it, [`~lenvm_rl.LenVMGRPOTrainer`] (`length_coef: 0` is then plain GRPO plus the
 `length/` metrics). Sequence-level length baselines for ablations: `length_penalty_coef` (reward `-alpha * L`, with
 `length_penalty_correct_only` on correct completions only), `kimi_length_coef` (Kimi k1.5's group-relative length
-reward) and `soft_overlong_cache` (TRL's `get_soft_overlong_punishment`, DAPO eq. 13). With `num_eval_problems > 0`, the
-main process samples one completion per held-out problem before and after training and writes `results.json`
-(accuracy, mean completion tokens, fraction cut at the length cap) next to the saved policy.
+reward) and `soft_overlong_cache` (TRL's `get_soft_overlong_punishment`, DAPO eq. 13, over
+`soft_overlong_max_length`, by default the generation cap; a shorter one makes it a length target). With
+`num_eval_problems > 0`, the main process samples one completion per held-out problem before and after training and
+writes `results.json` (accuracy, mean completion tokens, fraction cut at the length cap) next to the saved policy.
 """
 
 import json
@@ -90,8 +91,13 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
     if script_args.kimi_length_coef:
         reward_funcs.append(kimi_length_reward(script_args.kimi_length_coef))
     if script_args.soft_overlong_cache is not None:
-        max_length, cache = training_args.max_completion_length, script_args.soft_overlong_cache
-        reward_funcs.append(get_soft_overlong_punishment(max_length, cache))
+        max_length = script_args.soft_overlong_max_length or training_args.max_completion_length
+        if script_args.soft_overlong_cache >= max_length:
+            raise ValueError(
+                f"--soft_overlong_cache ({script_args.soft_overlong_cache}) must be below the punishment's length "
+                f"({max_length}, --soft_overlong_max_length or --max_completion_length)."
+            )
+        reward_funcs.append(get_soft_overlong_punishment(max_length, script_args.soft_overlong_cache))
 
     eval_dataset, results = None, {}
     is_main_process = PartialState().is_main_process
@@ -150,6 +156,7 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
             length_penalty_correct_only=script_args.length_penalty_correct_only,
             kimi_length_coef=script_args.kimi_length_coef,
             soft_overlong_cache=script_args.soft_overlong_cache,
+            soft_overlong_max_length=script_args.soft_overlong_max_length,
             seed=training_args.seed,
             num_processes=trainer.accelerator.num_processes,
             distributed_type=str(trainer.accelerator.distributed_type),

@@ -77,14 +77,16 @@ def test_grpo_rows_cover_every_method_and_coefficient():
         "grpo+penalty a=0.01",
         *(f"grpo+correct-only penalty a={a}" for a in ("0.003", "0.01", "0.03")),
         "grpo+kimi c=1",
-        "grpo+overlong",
+        *(f"grpo+overlong L={n}" for n in (48, 96, 384)),
         *(f"grpo+lenvm s={s}" for s in ("0.3", "1", "3")),
         *(f"grpo+unpretrained s={s}" for s in ("0.3", "1", "3")),
         *(f"grpo+online s={s}" for s in ("0.3", "1", "3")),
     ]
     assert rows["grpo"]["flags"] == ["--length_coef", "0"]
     assert rows["grpo+kimi c=1"]["flags"] == ["--length_coef", "0", "--kimi_length_coef", "1"]
-    assert rows["grpo+overlong"]["flags"] == ["--length_coef", "0", "--soft_overlong_cache", "128"]
+    assert rows["grpo+overlong L=384"]["flags"] == [
+        "--length_coef", "0", "--soft_overlong_max_length", "384", "--soft_overlong_cache", "128"
+    ]  # fmt: skip
     assert rows["grpo+correct-only penalty a=0.03"]["flags"][2:] == [
         "--length_penalty_coef", "0.03", "--length_penalty_correct_only", "true"
     ]  # fmt: skip
@@ -94,7 +96,7 @@ def test_grpo_rows_cover_every_method_and_coefficient():
 def test_methods_select_rows_in_canonical_order():
     rows = ablation_rows(ablation_args(methods=["penalty", "none"], penalty_coefs=[0.1]))
     assert list(rows) == ["none", "penalty a=0.1"]  # no unpretrained rows: no gamma needed
-    assert list(ablation_rows(ablation_args(trainer="grpo", methods=["overlong"], overlong_cache=None))) == []
+    assert list(ablation_rows(ablation_args(trainer="grpo", methods=["overlong"], overlong_max_lengths=[]))) == []
 
 
 def test_bad_arguments_are_refused():
@@ -104,6 +106,8 @@ def test_bad_arguments_are_refused():
         ablation_args(seeds=[])
     with pytest.raises(ValueError, match="--num_parallel"):
         ablation_args(num_parallel=0)
+    with pytest.raises(ValueError, match=r"--overlong_max_lengths must be >= 3.*\[2\]"):
+        ablation_args(trainer="grpo", overlong_max_lengths=[48, 2])
     with pytest.raises(ValueError, match=r"\['kimi'\] are not ppo methods"):
         ablation_args(methods=["none", "kimi"])
     with pytest.raises(ValueError, match="gamma of the base config's LenVM"):

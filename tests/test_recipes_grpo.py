@@ -66,6 +66,7 @@ instruction: null
 num_eval_problems: 4
 length_penalty_coef: 0.01
 soft_overlong_cache: 2
+soft_overlong_max_length: 4
 lenvm_model_name_or_path: {tiny_world / "lenvm"}
 length_coef: 0.5
 output_dir: {output_dir}
@@ -103,6 +104,7 @@ disable_tqdm: true
     rewards = {key for key in results["last_log"] if key.startswith("rewards/")}
     assert {"rewards/gsm8k_accuracy_reward/mean", "rewards/length_penalty_reward/mean"} <= rewards
     assert "rewards/soft_overlong_punishment_reward/mean" in rewards
+    assert (results["soft_overlong_cache"], results["soft_overlong_max_length"]) == (2, 4)
     assert "length/coef" in results["last_log"]
     with safe_open(output_dir / "model.safetensors", framework="pt") as handle:
         assert not [key for key in handle.keys() if "v_head" in key]  # the policy only
@@ -181,3 +183,13 @@ def test_main_warns_when_its_prompts_are_not_the_lenvms(tmp_path, monkeypatch, c
         main(*args)
     assert ("not built like the LenVM's training prompts" in caplog.text) == warned
     assert ("--instruction (LenVM: 'End.'" in caplog.text) == warned
+
+
+def test_soft_overlong_arguments_are_checked():
+    assert GRPOScriptArguments(soft_overlong_cache=16, soft_overlong_max_length=48).soft_overlong_max_length == 48
+    with pytest.raises(ValueError, match="needs --soft_overlong_cache"):
+        GRPOScriptArguments(soft_overlong_max_length=48)
+    with pytest.raises(ValueError, match="must exceed --soft_overlong_cache"):
+        GRPOScriptArguments(soft_overlong_cache=48, soft_overlong_max_length=48)
+    with pytest.raises(ValueError, match="--soft_overlong_cache must be >= 1"):
+        GRPOScriptArguments(soft_overlong_cache=0)

@@ -98,12 +98,32 @@ class GRPOScriptArguments(GSM8KScriptArguments):
     )
     soft_overlong_cache: int | None = field(
         default=None,
-        metadata={"help": "Baseline: add TRL's soft overlong punishment over the last N tokens before the cap."},
+        metadata={"help": "Baseline: add TRL's soft overlong punishment over the last N tokens before its length."},
+    )
+    soft_overlong_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Length L_max of the soft overlong punishment (default: max_completion_length). Below the "
+            "generation cap it is a length target: 0 up to L_max - cache, linear to -1 at L_max, -1 beyond."
+        },
     )
     num_eval_problems: int = field(
         default=0, metadata={"help": "Held-out problems sampled before and after training for results.json (0: skip)."}
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Rows decoded together in the evaluation."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        cache, max_length = self.soft_overlong_cache, self.soft_overlong_max_length
+        if max_length is not None and cache is None:
+            raise ValueError("--soft_overlong_max_length needs --soft_overlong_cache (the punishment's ramp).")
+        if cache is not None and cache < 1:
+            raise ValueError(f"--soft_overlong_cache must be >= 1, got {cache}.")
+        if max_length is not None and max_length <= cache:
+            raise ValueError(
+                f"--soft_overlong_max_length ({max_length}) must exceed --soft_overlong_cache ({cache}): the "
+                "punishment starts at max_length - cache tokens."
+            )
 
 
 @dataclass
@@ -128,7 +148,10 @@ class AblationArguments:
             with a fresh head, trained online, with the gamma of the base config's LenVM).
         online_coefs (`list[float]`): s grid of the pretrained LenVM refreshed online during RL.
         kimi_coefs (`list[float]`): Weight grid of Kimi k1.5's group-relative length reward (GRPO only).
-        overlong_cache (`int` or `None`): Cache of the row with TRL's soft overlong punishment (GRPO only).
+        overlong_max_lengths (`list[int]`): L_max grid of TRL's soft overlong punishment (GRPO only), each with a
+            cache of a third of it: `L_max = 384` (the demo's generation cap) is DAPO's use, a penalty on the last
+            128 tokens before the cap; the shorter ones turn it into a length target (`48`: 0 up to 32 tokens, -1
+            from 48 on).
         world_dir (`str` or `None`): The demo world (`outputs/demo/world`) the base config evaluates on: adds the
             share of removable verbosity removed, against its most concise reference style.
         max_steps (`int` or `None`): Updates of every run (PPO: `total_episodes` = this x rollouts per update).
@@ -178,8 +201,9 @@ class AblationArguments:
         default_factory=lambda: [0.3, 1.0, 3.0],
         metadata={"help": "Weight grid of Kimi k1.5's group-relative length reward (GRPO only)."},
     )
-    overlong_cache: int | None = field(
-        default=128, metadata={"help": "GRPO only: a row with TRL's soft overlong punishment over this many tokens."}
+    overlong_max_lengths: list[int] = field(
+        default_factory=lambda: [48, 96, 384],
+        metadata={"help": "L_max grid of TRL's soft overlong punishment (GRPO only), cache L_max // 3 each."},
     )
     world_dir: str | None = field(
         default=None,
@@ -204,6 +228,7 @@ class AblationArguments:
             raise ValueError("--seeds must not be empty.")
         if self.num_parallel < 1:
             raise ValueError(f"--num_parallel must be at least 1, got {self.num_parallel}.")
-        if self.overlong_cache is not None and self.overlong_cache < 1:
-            raise ValueError(f"--overlong_cache must be >= 1 (or None), got {self.overlong_cache}.")
+        too_short = [length for length in self.overlong_max_lengths if length < 3]
+        if too_short:
+            raise ValueError(f"--overlong_max_lengths must be >= 3 (a cache of a third of it), got {too_short}.")
         null_to_none(self, "world_dir")
