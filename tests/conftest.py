@@ -110,3 +110,22 @@ def prompt_check_setup(tmp_path, monkeypatch, recipe):
         f"--output_dir={tmp_path / 'run'}",
         "--report_to=none",
     ]
+
+
+def write_guided_eval_world(root, lenvm, num_problems=6) -> dict:
+    """A tiny policy (generation stops at EOS, pads with 0) with its tokenizer, `lenvm` and `num_problems` held-out
+    problems saved under `root`; returns the keyword arguments the guided-evaluation recipes share."""
+    tokenizer = make_tiny_tokenizer()
+    policy = make_tiny_causal_lm(seed=0)
+    policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = tokenizer.eos_token_id, 0
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    lenvm.save_pretrained(root / "lenvm", tokenizer=tokenizer)
+    (root / "data").mkdir()
+    problems = [
+        {"question": f"he has {i} pens and gets {i + 1} more", "answer": f"#### {2 * i + 1}"}
+        for i in range(num_problems)
+    ]
+    (root / "data" / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return dict(policy_path=str(root / "policy"), lenvm_path=str(root / "lenvm"), dataset_name=str(root / "data"),
+                num_problems=num_problems, max_new_tokens=20, batch_size=4, num_threads=1)  # fmt: skip

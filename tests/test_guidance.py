@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import make_tiny_causal_lm, make_tiny_tokenizer, write_guided_eval_world
 from transformers import DynamicCache
 
 from lenvm_rl.candidates import candidate_set, select_candidates
@@ -466,17 +466,7 @@ def test_recipes_end_to_end(tmp_path):  # about 6 s on 2 cores
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
-    tokenizer = make_tiny_tokenizer()
-    policy = make_tiny_causal_lm(seed=0)
-    policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = EOS, 0
-    policy.save_pretrained(tmp_path / "policy")
-    tokenizer.save_pretrained(tmp_path / "policy")
-    make_lenvm(gamma=0.9).save_pretrained(tmp_path / "lenvm", tokenizer=tokenizer)
-    (tmp_path / "data").mkdir()
-    problems = [
-        {"question": f"he has {i} pens and gets {i + 1} more", "answer": f"#### {2 * i + 1}"} for i in range(6)
-    ]
-    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    common = write_guided_eval_world(tmp_path, make_lenvm(gamma=0.9))
     g = torch.Generator().manual_seed(0)
     records = [
         {
@@ -486,8 +476,6 @@ def test_recipes_end_to_end(tmp_path):  # about 6 s on 2 cores
         for i in range(9)
     ]  # fmt: skip
     (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    common = dict(policy_path=str(tmp_path / "policy"), lenvm_path=str(tmp_path / "lenvm"),
-                  dataset_name=str(tmp_path / "data"), num_problems=6, max_new_tokens=20, batch_size=4, num_threads=1)  # fmt: skip
 
     control = importlib.import_module("eval_length_control")
     out = control.main(

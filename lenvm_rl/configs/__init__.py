@@ -11,7 +11,13 @@ script arguments reuse their fields by inheritance instead of repeating them, so
 """
 
 from .common import null_to_none
-from .evaluation import EvalGSM8KArguments, EvalLengthControlArguments, EvalTradeoffArguments, GuidedEvalArguments
+from .evaluation import (
+    EvalGSM8KArguments,
+    EvalLengthControlArguments,
+    EvalTradeoffArguments,
+    GuidedEvalArguments,
+    SeedSummaryArguments,
+)
 from .lenvm import (
     EvalLengthPredictionArguments,
     LengthTokensArguments,
@@ -33,6 +39,7 @@ __all__ = [
     "LengthTokensArguments",
     "PPOScriptArguments",
     "PredictLengthArguments",
+    "SeedSummaryArguments",
     "SampleRolloutsArguments",
     "TrainLenVMScriptArguments",
     "null_to_none",

@@ -9,7 +9,13 @@ from ..guidance import CandidateSamplingConfig, GuidanceMode, LengthGuidanceConf
 
 GUIDED_EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
-__all__ = ["EvalGSM8KArguments", "EvalLengthControlArguments", "EvalTradeoffArguments", "GuidedEvalArguments"]
+__all__ = [
+    "EvalGSM8KArguments",
+    "EvalLengthControlArguments",
+    "EvalTradeoffArguments",
+    "GuidedEvalArguments",
+    "SeedSummaryArguments",
+]
 
 
 @dataclass
@@ -210,3 +216,30 @@ class EvalTradeoffArguments(GuidedEvalArguments):
         super().__post_init__()
         if 0.0 not in self.betas:
             raise ValueError("--betas must include 0.0: the token-budget baseline cuts the untilted completions")
+
+
+@dataclass
+class SeedSummaryArguments:
+    """Arguments of `recipes/summarize_seeds.py`: guided-decoding evaluations of one setting over several seeds.
+
+    Parameters:
+        length_control_dirs (`list[str]`): Output directories of `recipes/eval_length_control.py`, one per seed.
+        tradeoff_dirs (`list[str]`): Output directories of `recipes/eval_tradeoff.py`, one per seed.
+        output_dir (`str`): Where `inference_seeds.json` / `.md` / `.png` go.
+        num_resamples (`int`): Bootstrap resamples (over seeds, then problems within each seed).
+    """
+
+    output_dir: str = field(metadata={"help": "Where inference_seeds.json / .md / .png go."})
+    length_control_dirs: list[str] = field(
+        default_factory=list, metadata={"help": "eval_length_control.py output directories, one per seed."}
+    )
+    tradeoff_dirs: list[str] = field(
+        default_factory=list, metadata={"help": "eval_tradeoff.py output directories, one per seed."}
+    )
+    num_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples over seeds and problems."})
+
+    def __post_init__(self):
+        if not self.length_control_dirs and not self.tradeoff_dirs:
+            raise ValueError("Pass --length_control_dirs and/or --tradeoff_dirs (one directory per seed).")
+        if self.num_resamples < 1:
+            raise ValueError(f"--num_resamples must be >= 1, got {self.num_resamples}.")

@@ -1,0 +1,261 @@
+"""Guided-decoding results over seeds: mean and bootstrap 95% interval over seeds and problems.
+
+    # the demo world's inference figures, 3 sampling seeds (each run: recipes/eval_length_control.py / eval_tradeoff.py
+    # with --seed N --output_dir .../length_control_seedN, .../tradeoff_seedN)
+    python recipes/summarize_seeds.py --output_dir outputs/demo/inference_seeds \
+        --length_control_dirs outputs/demo/inference_seeds/length_control_seed{0,1,2} \
+        --tradeoff_dirs outputs/demo/inference_seeds/tradeoff_seed{0,1,2}
+
+Every run must be the same evaluation but for its seed (the other arguments are checked). The intervals come from
+`lenvm_rl.ablation_stats.hierarchical_bootstrap`: seeds resampled, then problems within each seed, every quantity of
+a problem resampled together (so guided and unguided stay paired).
+
+- Length control: per constraint and target, the Length Score of the guided and unguided completions (recomputed per
+  completion from the stored lengths with `lenvm_rl.metrics.length_score`), the guided mean length and accuracy, and
+  the mean Length Score over the targets.
+- Tradeoff: per tilt strength beta, accuracy and mean tokens; the token-budget accuracy at the same mean tokens is a
+  property of each seed's whole beta = 0 sample, so it is given as the seeds' mean and range.
+
+Writes `inference_seeds.json`, `inference_seeds.md` (the tables) and `inference_seeds.png` (Length Score against
+the target per constraint, accuracy against tokens for the tilt, with intervals).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from trl import TrlParser
+
+from lenvm_rl.ablation_stats import hierarchical_bootstrap, interval, per_problem_means
+from lenvm_rl.configs import SeedSummaryArguments
+from lenvm_rl.io import write_json_atomic, write_text_atomic
+from lenvm_rl.metrics import length_score
+
+RESULTS_NAME = "inference_seeds"
+# Arguments that may differ between the seeds' runs of one evaluation.
+PER_RUN_ARGS = ("seed", "output_dir", "num_threads", "batch_size", "num_examples")
+
+
+def load_seed_runs(directories: list[str], name: str) -> list[dict]:
+    """The `{name}.json` of each directory, checked to be one evaluation at distinct seeds."""
+    runs = []
+    for directory in directories:
+        path = Path(directory) / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: run recipes/eval_{name}.py with --output_dir {directory}."
+            )
+        runs.append(json.loads(path.read_text()))
+    settings = [{k: v for k, v in run["args"].items() if k not in PER_RUN_ARGS} for run in runs]
+    for directory, setting in zip(directories[1:], settings[1:]):
+        differing = sorted(k for k in setting.keys() | settings[0].keys() if setting.get(k) != settings[0].get(k))
+        if differing:
+            raise ValueError(f"{directory} is another evaluation than {directories[0]}: {differing} differ.")
+    seeds = [run["args"]["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"The runs must have distinct seeds, got {seeds} ({directories}).")
+    return runs
+
+
+def _lengths(run_side: dict, where: str) -> np.ndarray:
+    if "lengths" not in run_side:
+        raise ValueError(f"{where} keeps no per-completion lengths (an older recipe's JSON): run it again.")
+    return np.asarray(run_side["lengths"], dtype=np.float64)
+
+
+def length_control_summary(runs: list[dict], num_resamples: int) -> dict:
+    """Length Score (guided, unguided, their difference), guided mean length and accuracy per constraint and target,
+    and the Length Score averaged over the targets; each as mean and interval over seeds and problems."""
+    first = runs[0]
+    summary = {
+        "seeds": [run["args"]["seed"] for run in runs],
+        "num_problems": first["num_problems"],
+        "constraints": {},
+    }
+    for constraint, block in first["constraints"].items():
+        targets = list(block["per_target"])
+        per_run = []  # one {key: (N,) per-problem values} per seed
+        for run in runs:
+            values = {}
+            for target in targets:
+                entry = run["constraints"][constraint]["per_target"][target]
+                for side in ("unguided", "guided"):
+                    lengths = _lengths(entry[side], f"length_control seed {run['args']['seed']} {constraint} {target}")
+                    values[f"{side}/{target}"] = length_score(lengths, int(target), constraint).numpy()
+                values[f"guided_length/{target}"] = _lengths(entry["guided"], "")
+            for side in ("unguided", "guided"):
+                values[f"{side}/mean"] = np.mean([values[f"{side}/{t}"] for t in targets], axis=0)
+            per_run.append(values)
+        samples = hierarchical_bootstrap(per_run, num_resamples)
+        points = {key: float(np.mean([run[key].mean() for run in per_run])) for key in per_run[0]}
+        rows = {}
+        for target in targets:
+            accuracies = [run["constraints"][constraint]["per_target"][target]["guided"]["accuracy"] for run in runs]
+            rows[target] = {
+                "unguided": interval(points[f"unguided/{target}"], samples[f"unguided/{target}"]),
+                "guided": interval(points[f"guided/{target}"], samples[f"guided/{target}"]),
+                "guided_minus_unguided": _difference(points, samples, target),
+                "guided_mean_length": interval(points[f"guided_length/{target}"], samples[f"guided_length/{target}"]),
+                "guided_accuracy_per_seed": accuracies,
+            }
+        mean = {side: interval(points[f"{side}/mean"], samples[f"{side}/mean"]) for side in ("unguided", "guided")}
+        summary["constraints"][constraint] = {
+            "per_target": rows,
+            "mean": mean | {"guided_minus_unguided": _difference(points, samples, "mean")},
+        }
+    return summary
+
+
+def _difference(points: dict, samples: dict, target: str) -> dict:
+    """Guided minus unguided Length Score at `target`, paired within each bootstrap resample."""
+    diff = samples[f"guided/{target}"] - samples[f"unguided/{target}"]
+    return interval(points[f"guided/{target}"] - points[f"unguided/{target}"], diff)
+
+
+def tradeoff_summary(runs: list[dict], num_resamples: int) -> dict:
+    """Accuracy and mean tokens per beta (mean and interval over seeds and problems) and the token-budget accuracy at
+    the same mean tokens (the seeds' mean and range)."""
+    num_samples = runs[0]["args"]["num_samples"]
+    betas = [run_point["beta"] for run_point in runs[0]["runs"]]
+    summary = {"seeds": [run["args"]["seed"] for run in runs], "num_samples": num_samples, "per_beta": []}
+    for index, beta in enumerate(betas):
+        per_run = []
+        for run in runs:
+            point = run["runs"][index]
+            if point["beta"] != beta:
+                raise ValueError(f"tradeoff seed {run['args']['seed']} has betas in another order than seed 0.")
+            where = f"tradeoff seed {run['args']['seed']} beta {beta:g}"
+            per_run.append(
+                {
+                    "accuracy": per_problem_means(np.asarray(point["correct"], dtype=np.float64), num_samples),
+                    "mean_tokens": per_problem_means(_lengths(point, where), num_samples),
+                }
+            )
+        samples = hierarchical_bootstrap(per_run, num_resamples)
+        budget = [run["runs"][index]["budget_accuracy_at_same_tokens"] for run in runs]
+        gain = [run["runs"][index]["accuracy_gain_over_budget"] for run in runs]
+        summary["per_beta"].append(
+            {
+                "beta": beta,
+                **{
+                    key: interval(float(np.mean([run[key].mean() for run in per_run])), samples[key])
+                    for key in ("accuracy", "mean_tokens")
+                },
+                "budget_accuracy_at_same_tokens": {
+                    "mean": float(np.mean(budget)),
+                    "min": min(budget),
+                    "max": max(budget),
+                },
+                "accuracy_gain_over_budget": {"mean": float(np.mean(gain)), "min": min(gain), "max": max(gain)},
+            }
+        )
+    return summary
+
+
+def _ci(value: dict, digits: int = 1) -> str:
+    if value["ci_low"] is None:
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} [{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}]"
+
+
+def format_markdown(results: dict) -> str:
+    lines = []
+    control = results.get("length_control")
+    if control:
+        lines += [
+            f"Length control, Length Score (0-100) over seeds {control['seeds']} x {control['num_problems']} problems:"
+            " mean [95% CI]",
+            "",
+            "| constraint | target | unguided | guided | guided - unguided | guided mean length | guided accuracy |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for constraint, block in control["constraints"].items():
+            for target, row in block["per_target"].items():
+                accuracy = np.mean(row["guided_accuracy_per_seed"])
+                lines.append(
+                    f"| {constraint} | {target} | {_ci(row['unguided'])} | {_ci(row['guided'])} | "
+                    f"{_ci(row['guided_minus_unguided'])} | {_ci(row['guided_mean_length'])} | {accuracy:.3f} |"
+                )
+            mean = block["mean"]
+            lines.append(
+                f"| {constraint} | **mean** | {_ci(mean['unguided'])} | **{_ci(mean['guided'])}** | "
+                f"{_ci(mean['guided_minus_unguided'])} | | |"
+            )
+        lines.append("")
+    tradeoff = results.get("tradeoff")
+    if tradeoff:
+        lines += [
+            f"Tilt against the token budget over seeds {tradeoff['seeds']} ({tradeoff['num_samples']} samples per "
+            "problem): mean [95% CI]; the budget's accuracy at the same mean tokens as the seeds' mean (min-max)",
+            "",
+            "| beta | mean tokens | accuracy, tilted | accuracy, token budget at that length |",
+            "|---|---|---|---|",
+        ]
+        for row in tradeoff["per_beta"]:
+            budget = row["budget_accuracy_at_same_tokens"]
+            lines.append(
+                f"| {row['beta']:g} | {_ci(row['mean_tokens'])} | {_ci(row['accuracy'], 3)} | "
+                f"{budget['mean']:.3f} ({budget['min']:.3f}-{budget['max']:.3f}) |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, without touching pyplot's backend
+
+    control, tradeoff = results.get("length_control"), results.get("tradeoff")
+    panels = (list(control["constraints"]) if control else []) + (["tradeoff"] if tradeoff else [])
+    figure = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+
+    def errorbar(axis, xs, values, style, label):
+        means = np.array([v["mean"] for v in values])
+        low = np.array([v["ci_low"] if v["ci_low"] is not None else v["mean"] for v in values])
+        high = np.array([v["ci_high"] if v["ci_high"] is not None else v["mean"] for v in values])
+        axis.errorbar(xs, means, yerr=[means - low, high - means], fmt=style, capsize=3, label=label)
+
+    for axis, panel in zip(axes, panels):
+        if panel == "tradeoff":
+            rows = tradeoff["per_beta"]
+            tokens = [row["mean_tokens"]["mean"] for row in rows]
+            errorbar(axis, tokens, [row["accuracy"] for row in rows], "s-", "LenVM tilt")
+            budget = [row["budget_accuracy_at_same_tokens"]["mean"] for row in rows]
+            axis.plot(tokens, budget, "o--", label="token budget, same tokens")
+            axis.set(title="Tilt vs token budget", xlabel="mean tokens", ylabel="accuracy", ylim=(0, 1.02))
+        else:
+            rows = control["constraints"][panel]["per_target"]
+            targets = [int(t) for t in rows]
+            for side, style in (("unguided", "o--"), ("guided", "s-")):
+                errorbar(axis, targets, [rows[str(t)][side] for t in targets], style, side)
+            axis.set_xscale("log", base=2)
+            axis.set(title=panel.replace("_", " ").title(), xlabel="target T (tokens)", ylabel="Length Score")
+            axis.set_ylim(0, 105)
+        axis.legend()
+    seeds = (control or tradeoff)["seeds"]
+    figure.suptitle(f"LenVM at inference over seeds {seeds} (95% CI over seeds and problems)")
+    figure.savefig(path, dpi=120)
+
+
+def main(script_args: SeedSummaryArguments) -> dict:
+    results = {}
+    if script_args.length_control_dirs:
+        runs = load_seed_runs(script_args.length_control_dirs, "length_control")
+        results["length_control"] = length_control_summary(runs, script_args.num_resamples)
+    if script_args.tradeoff_dirs:
+        runs = load_seed_runs(script_args.tradeoff_dirs, "tradeoff")
+        results["tradeoff"] = tradeoff_summary(runs, script_args.num_resamples)
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = format_markdown(results)
+    write_json_atomic(output_dir / f"{RESULTS_NAME}.json", results)
+    write_text_atomic(output_dir / f"{RESULTS_NAME}.md", table)
+    plot(results, output_dir / f"{RESULTS_NAME}.png")
+    print(table)
+    print(f"Wrote {output_dir}/{RESULTS_NAME}.json, .md and .png")
+    return results
+
+
+if __name__ == "__main__":
+    (script_args,) = TrlParser(SeedSummaryArguments).parse_args_and_config()
+    main(script_args)
