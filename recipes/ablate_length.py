@@ -63,6 +63,7 @@ ADVANTAGE_KEYS = {
     "stop_token_advantage": "length/stop_token_advantage_mean",
     "other_token_advantage": "length/other_token_advantage_mean",
 }
+TRAINING_TOKENS_KEY = "length/response_tokens_mean"  # mean tokens of each update's rollouts, next to them
 STOP_ADVANTAGE_METHODS = ("none", "penalty", "correct_only_penalty")
 LENVM_METHODS = ("advantage", "shaping", "unpretrained", "online")  # rows whose length term is a LenVM critic
 
@@ -320,16 +321,20 @@ def wrong_trainer(args: AblationArguments, row: dict, results: dict) -> str | No
 
 
 def advantage_series(run_dir: Path) -> dict[str, list[float]]:
-    """The per-update stop-token / other-token advantage means of a PPO run, from the `trainer_state.json` of its
-    last complete checkpoint (the trainer saves one at the last update); empty without a checkpoint."""
+    """The per-update stop-token / other-token advantage means of a PPO run (and its rollouts' mean tokens,
+    `response_tokens`, when every update logged them), from the `trainer_state.json` of its last complete checkpoint
+    (the trainer saves one at the last update); empty without a checkpoint."""
     checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is None:
         return {}
     history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
     logs = [log for log in history if ADVANTAGE_KEYS["stop_token_advantage"] in log]
-    return {"steps": [log["step"] for log in logs]} | {
+    series = {"steps": [log["step"] for log in logs]} | {
         name: [log[key] for log in logs] for name, key in ADVANTAGE_KEYS.items()
     }
+    if logs and all(TRAINING_TOKENS_KEY in log for log in logs):
+        series["response_tokens"] = [log[TRAINING_TOKENS_KEY] for log in logs]
+    return series
 
 
 # ---------------------------------------------------------------------- statistics
@@ -596,18 +601,24 @@ def plot_stop_advantage(result: dict, path: Path) -> bool:
     }
     if not rows:
         return False
-    figure = Figure(figsize=(9, 3.8), layout="constrained")
-    axes = figure.subplots(1, 2, sharey=True)
+    with_tokens = all(run["advantage_series"].get("response_tokens") for row in rows.values() for run in row["runs"]
+                      if run.get("advantage_series"))  # fmt: skip
+    figure = Figure(figsize=(13.5 if with_tokens else 9, 3.8), layout="constrained")
+    axes = figure.subplots(1, 3 if with_tokens else 2)
+    axes[1].sharey(axes[0])
     for k, (name, row) in enumerate(rows.items()):
         series = [run["advantage_series"] for run in row["runs"] if run.get("advantage_series")]
         steps = min((s["steps"] for s in series), key=len)
-        for ax, key in zip(axes, ADVANTAGE_KEYS):
+        keys = [*ADVANTAGE_KEYS, "response_tokens"] if with_tokens else list(ADVANTAGE_KEYS)
+        for ax, key in zip(axes, keys):
             mean = np.mean([s[key][: len(steps)] for s in series], axis=0)
             ax.plot(steps, mean, color=f"C{k % 10}", lw=1.2, label=name)
     for ax, title in zip(axes, ("stop token (finished responses)", "other response tokens")):
         ax.axhline(0.0, color="gray", lw=0.8)
         ax.set(xlabel="update", title=title)
     axes[0].set_ylabel("mean advantage (mean over seeds)")
+    if with_tokens:
+        axes[2].set(xlabel="update", ylabel="mean tokens (mean over seeds)", title="training rollouts' length")
     axes[0].legend(fontsize=7)
     figure.savefig(path, dpi=120)
     return True

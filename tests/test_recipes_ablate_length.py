@@ -275,7 +275,12 @@ def write_fake_run(run_dir: Path, num_wrong: int, tokens: int, stop_advantages=N
         checkpoint = run_dir / "checkpoint-3"
         checkpoint.mkdir()
         history = [
-            {"step": step, "length/stop_token_advantage_mean": stop, "length/other_token_advantage_mean": 0.1}
+            {
+                "step": step,
+                "length/stop_token_advantage_mean": stop,
+                "length/other_token_advantage_mean": 0.1,
+                "length/response_tokens_mean": 40.0 + step,
+            }
             for step, stop in enumerate(stop_advantages, start=1)
         ]
         (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 1.0}, *history]}))
@@ -334,6 +339,7 @@ def test_collect_statistics_and_outputs_with_missing_runs(demo_world, tmp_path):
         "steps": [1, 2, 3],
         "stop_token_advantage": [-0.3, -0.5, -0.7],
         "other_token_advantage": [0.1] * 3,
+        "response_tokens": [41.0, 42.0, 43.0],
     }
     assert rows["penalty a=0.01"]["runs"][0]["advantage_series"] == {}  # no checkpoint
 
