@@ -56,9 +56,18 @@ from .rl_math import (  # noqa: F401
     rms_normalize_length_advantages,
     scheduled_length_coef,
 )
-from .smollm2 import materialize_smollm2  # noqa: F401
 from .trainers.checkpointing import last_complete_checkpoint  # noqa: F401
 from .trainers.lenvm import LenVMConfig, LenVMTrainer  # noqa: F401
 from .trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer  # noqa: F401
 from .trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer  # noqa: F401
 from .trainers.ppo import PPOConfig, PPOTrainer  # noqa: F401
+
+
+def __getattr__(name: str):
+    # `materialize_smollm2` is imported on first use: importing `lenvm_rl.smollm2` here would make
+    # `python -m lenvm_rl.smollm2` run a module already in sys.modules (runpy's RuntimeWarning).
+    if name == "materialize_smollm2":
+        from .smollm2 import materialize_smollm2
+
+        return materialize_smollm2
+    raise AttributeError(f"module 'lenvm_rl' has no attribute {name!r}")

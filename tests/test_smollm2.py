@@ -142,3 +142,14 @@ def test_materialized_checkpoint_loads_offline_and_generates(tmp_path):
     assert output.shape[1] > input_ids.shape[1] and completion.strip()
 
     assert materialize_smollm2(path) == path  # reused, not rebuilt
+
+
+def test_module_runs_without_runpy_warning():
+    """`python -m lenvm_rl.smollm2` must not find its module already imported by the package (runpy warns then)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "lenvm_rl.smollm2", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--output_dir" in done.stdout
