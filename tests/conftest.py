@@ -129,3 +129,45 @@ def write_guided_eval_world(root, lenvm, num_problems=6) -> dict:
     (root / "data" / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     return dict(policy_path=str(root / "policy"), lenvm_path=str(root / "lenvm"), dataset_name=str(root / "data"),
                 num_problems=num_problems, max_new_tokens=20, batch_size=4, num_threads=1)  # fmt: skip
+
+
+def make_rollout_records(
+    num_prompts=4, per_prompt=3, *, seed=0, vocab=150, max_new_tokens=12, cut_every=0, prefix=None,
+    max_prompt_tokens=8, odd_prompt_extra=0, generator_model="tiny",
+):  # fmt: skip
+    """Rollout records in the format of `recipes/sample_rollouts.py` with random token ids (EOS = 1 ends each finished
+    completion); every `cut_every`-th completion hit the cap instead, and completions of odd prompts are at least
+    `odd_prompt_extra` tokens longer (the prompt then carries some of the length)."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = f"q{seed}" if prefix is None else prefix
+    records = []
+    for p in range(num_prompts):
+        num_prompt_tokens = int(torch.randint(3, max_prompt_tokens + 1, (1,), generator=g))
+        prompt_ids = torch.randint(10, vocab, (num_prompt_tokens,), generator=g).tolist()
+        for k in range(per_prompt):
+            cut = bool(cut_every) and (p * per_prompt + k) % cut_every == 0
+            shortest = 1 + odd_prompt_extra * (p % 2)
+            length = max_new_tokens if cut else int(torch.randint(shortest, max_new_tokens, (1,), generator=g))
+            completion_ids = torch.randint(10, vocab, (length,), generator=g).tolist()
+            if not cut:
+                completion_ids[-1] = 1
+            records.append(
+                {
+                    "prompt_id": f"{prefix}-{p}",
+                    "prompt": [{"role": "user", "content": "how many apples ?"}],
+                    "prompt_ids": prompt_ids,
+                    "completion": "",
+                    "completion_ids": completion_ids,
+                    "length": length,
+                    "finish_reason": "length" if cut else "stop",
+                    "sample_index": k,
+                    "generator_model": generator_model,
+                    "temperature": 1.0,
+                    "top_p": 1.0,
+                    "top_k": 0,
+                    "max_new_tokens": max_new_tokens,
+                    "seed": seed,
+                    "answer": "3",
+                }
+            )
+    return records

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm
+from conftest import make_rollout_records, make_tiny_causal_lm
 from datasets import Dataset
 from trl import TrlParser
 
@@ -21,40 +21,6 @@ from eval_length_prediction import EvalLengthPredictionArguments, main  # noqa: 
 
 EOS = 1
 GAMMA = 0.9
-
-
-def make_rollout_records(num_prompts=4, per_prompt=3, seed=0, truncated_every=0, max_new_tokens=12):
-    """Records in the format of recipes/sample_rollouts.py; every `truncated_every`-th completion hit the cap."""
-    g = torch.Generator().manual_seed(seed)
-    records = []
-    for p in range(num_prompts):
-        prompt_ids = torch.randint(10, 150, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-        for k in range(per_prompt):
-            cut = truncated_every and (p * per_prompt + k) % truncated_every == 0
-            length = max_new_tokens if cut else int(torch.randint(1, max_new_tokens, (1,), generator=g))
-            completion_ids = torch.randint(10, 150, (length,), generator=g).tolist()
-            if not cut:
-                completion_ids[-1] = EOS
-            records.append(
-                {
-                    "prompt_id": f"q{seed}-{p}",
-                    "prompt": [{"role": "user", "content": "how many apples ?"}],
-                    "prompt_ids": prompt_ids,
-                    "completion": "",
-                    "completion_ids": completion_ids,
-                    "length": length,
-                    "finish_reason": "length" if cut else "stop",
-                    "sample_index": k,
-                    "generator_model": "tiny",
-                    "temperature": 1.0,
-                    "top_p": 1.0,
-                    "top_k": 0,
-                    "max_new_tokens": max_new_tokens,
-                    "seed": seed,
-                    "answer": "3",
-                }
-            )
-    return records
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +113,7 @@ def test_eval_length_prediction_recipe(tmp_path, lenvm, capsys):
     lenvm.save_pretrained(lenvm_dir)
     # Training rollouts in the sampler's directory layout, held-out ones as a glob of jsonl files.
     write_jsonl(tmp_path / "train" / "shard-00000-of-00001" / "chunk-000000.jsonl", make_rollout_records(6, 3, seed=2))
-    write_jsonl(tmp_path / "eval" / "a.jsonl", make_rollout_records(3, 4, seed=3, truncated_every=5))
+    write_jsonl(tmp_path / "eval" / "a.jsonl", make_rollout_records(3, 4, seed=3, cut_every=5))
     write_jsonl(tmp_path / "eval" / "b.jsonl", make_rollout_records(2, 4, seed=4))
 
     args = EvalLengthPredictionArguments(

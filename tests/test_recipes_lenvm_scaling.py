@@ -1,12 +1,12 @@
 """recipes/lenvm_scaling.py: whole-prompt subsets, one gamma, resumability, the table and the figure (tiny offline models)."""
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import make_rollout_records, make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 from trl import TrlParser
 
@@ -30,42 +30,12 @@ from lenvm_scaling import (  # noqa: E402
     write_subset,
 )
 
-EOS = 1
 
 
-def make_records(num_prompts, per_prompt, seed=0, vocab=150, max_new_tokens=12, cut_every=0, prefix="p"):
-    """Rollout records in the sampler's format; every `cut_every`-th completion hit the cap (no EOS)."""
-    g = torch.Generator().manual_seed(seed)
-    records = []
-    for p in range(num_prompts):
-        prompt_ids = torch.randint(10, vocab, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
-        for k in range(per_prompt):
-            cut = bool(cut_every) and (p * per_prompt + k) % cut_every == 0
-            # Longer completions for odd prompts: the prompt carries some of the length.
-            length = max_new_tokens if cut else int(torch.randint(1 + 4 * (p % 2), max_new_tokens, (1,), generator=g))
-            completion_ids = torch.randint(10, vocab, (length,), generator=g).tolist()
-            if not cut:
-                completion_ids[-1] = EOS
-            records.append(
-                {
-                    "prompt_id": f"{prefix}-{p}",
-                    "prompt": [{"role": "user", "content": "how many apples ?"}],
-                    "prompt_ids": prompt_ids,
-                    "completion": "",
-                    "completion_ids": completion_ids,
-                    "length": length,
-                    "finish_reason": "length" if cut else "stop",
-                    "sample_index": k,
-                    "generator_model": "tiny-policy",
-                    "temperature": 1.0,
-                    "top_p": 1.0,
-                    "top_k": 0,
-                    "max_new_tokens": max_new_tokens,
-                    "seed": seed,
-                    "answer": "3",
-                }
-            )
-    return records
+# Longer completions for odd prompts: the prompt carries some of the length.
+make_records = functools.partial(
+    make_rollout_records, prefix="p", max_prompt_tokens=7, odd_prompt_extra=4, generator_model="tiny-policy"
+)
 
 
 def write_rollouts(directory: Path, records, chunk_size):
