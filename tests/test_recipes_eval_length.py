@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 
 from eval_length_prediction import EvalLengthPredictionArguments, main  # noqa: E402
 
-EOS = 1
 GAMMA = 0.9
 
 

@@ -30,8 +30,6 @@ from lenvm_scaling import (  # noqa: E402
     write_subset,
 )
 
-
-
 # Longer completions for odd prompts: the prompt carries some of the length.
 make_records = functools.partial(
     make_rollout_records, prefix="p", max_prompt_tokens=7, odd_prompt_extra=4, generator_model="tiny-policy"
