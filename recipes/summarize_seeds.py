@@ -1,15 +1,22 @@
-"""Guided-decoding results over seeds: mean and bootstrap 95% interval over seeds and problems.
+"""LenVM results at inference over seeds: mean and bootstrap 95% interval over seeds and problems.
 
-    # the demo world's inference figures, 3 sampling seeds (each run: recipes/eval_length_control.py / eval_tradeoff.py
-    # with --seed N --output_dir .../length_control_seedN, .../tradeoff_seedN)
+    # the demo world's figures over 3 seeds: LenVMs trained with --seed 0 / 1 / 2 and evaluated by
+    # recipes/eval_length_prediction.py; guided decoding (recipes/eval_length_control.py / eval_tradeoff.py) sampled
+    # with --seed 0 / 1 / 2
     python recipes/summarize_seeds.py --output_dir outputs/demo/inference_seeds \
+        --length_prediction_dirs outputs/demo outputs/demo/lenvm_seed1/eval outputs/demo/lenvm_seed2/eval \
         --length_control_dirs outputs/demo/inference_seeds/length_control_seed{0,1,2} \
         --tradeoff_dirs outputs/demo/inference_seeds/tradeoff_seed{0,1,2}
 
-Every run must be the same evaluation but for its seed (the other arguments are checked). The intervals come from
-`lenvm_rl.ablation_stats.hierarchical_bootstrap`: seeds resampled, then problems within each seed, every quantity of
-a problem resampled together (so guided and unguided stay paired).
+Every run must be the same evaluation but for its seed (the other arguments are checked; for length prediction, the
+LenVM differs and the held-out prompts must be the same). The intervals come from
+`lenvm_rl.ablation_stats.hierarchical_bootstrap`: seeds resampled, then problems (prompts) within each seed, every
+quantity of a problem resampled together (so guided and unguided, LenVM and baseline, stay paired).
 
+- Length prediction: the prompt-boundary MRE of the LenVM and of the three baselines (the baselines are fitted on the
+  training rollouts, so they are the same for every LenVM seed), the LenVM's difference with the prompt-length
+  regression, and the relative error of the predicted remaining length at 25 / 50 / 75% of each completion (the
+  seeds' mean and range: the evaluation keeps no per-completion errors).
 - Length control: per constraint and target, the Length Score of the guided and unguided completions (recomputed per
   completion from the stored lengths with `lenvm_rl.metrics.length_score`), the guided mean length and accuracy, and
   the mean Length Score over the targets.
@@ -34,27 +41,77 @@ from lenvm_rl.metrics import length_score
 RESULTS_NAME = "inference_seeds"
 # Arguments that may differ between the seeds' runs of one evaluation.
 PER_RUN_ARGS = ("seed", "output_dir", "num_threads", "batch_size", "num_examples")
+# eval_length_prediction.py has no seed of its own: its runs differ by the LenVM (trained with another seed).
+LENGTH_PREDICTION_PER_RUN_ARGS = ("lenvm_path", "output_dir", "batch_size")
+PREDICTORS = {  # per_prompt list of eval_length_prediction.json -> name in prompt_mre
+    "predicted_length": "lenvm",
+    "constant_length": "constant",
+    "regression_length": "prompt_length_regression",
+    "linear_length": "linear_prompt_length",
+}
 
 
-def load_seed_runs(directories: list[str], name: str) -> list[dict]:
-    """The `{name}.json` of each directory, checked to be one evaluation at distinct seeds."""
+def load_seed_runs(
+    directories: list[str], name: str, per_run: tuple[str, ...] = PER_RUN_ARGS, identity: str = "seed"
+) -> list[dict]:
+    """The `{name}.json` of each directory, checked to be one evaluation (every argument but `per_run` equal) at
+    distinct values of `identity` (the seed, or the LenVM)."""
     runs = []
     for directory in directories:
         path = Path(directory) / f"{name}.json"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist: run recipes/eval_{name}.py with --output_dir {directory}."
-            )
+            recipe = name if name.startswith("eval_") else f"eval_{name}"
+            raise FileNotFoundError(f"{path} does not exist: run recipes/{recipe}.py with --output_dir {directory}.")
         runs.append(json.loads(path.read_text()))
-    settings = [{k: v for k, v in run["args"].items() if k not in PER_RUN_ARGS} for run in runs]
+    settings = [{k: v for k, v in run["args"].items() if k not in per_run} for run in runs]
     for directory, setting in zip(directories[1:], settings[1:]):
         differing = sorted(k for k in setting.keys() | settings[0].keys() if setting.get(k) != settings[0].get(k))
         if differing:
             raise ValueError(f"{directory} is another evaluation than {directories[0]}: {differing} differ.")
-    seeds = [run["args"]["seed"] for run in runs]
+    seeds = [run["args"][identity] for run in runs]
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"The runs must have distinct seeds, got {seeds} ({directories}).")
+        raise ValueError(f"The runs must have distinct {identity}s, got {seeds} ({directories}).")
     return runs
+
+
+def length_prediction_summary(runs: list[dict], num_resamples: int) -> dict:
+    """Prompt-boundary MRE of the LenVM and the baselines, the LenVM's paired difference with the prompt-length
+    regression (mean and interval over LenVM seeds and prompts), and the remaining-length errors (mean and range)."""
+    prompt_ids = runs[0]["per_prompt"]["prompt_id"]
+    per_run = []
+    for run in runs:
+        if run["per_prompt"]["prompt_id"] != prompt_ids:
+            raise ValueError(
+                f"{run['args']['lenvm_path']} was evaluated on other held-out prompts than the first LenVM."
+            )
+        true = np.asarray(run["per_prompt"]["true_length"], dtype=np.float64)
+        errors = {
+            name: np.abs(np.asarray(run["per_prompt"][key], dtype=np.float64) - true) / true
+            for key, name in PREDICTORS.items()
+        }
+        errors["lenvm_minus_regression"] = errors["lenvm"] - errors["prompt_length_regression"]
+        per_run.append(errors)
+    samples = hierarchical_bootstrap(per_run, num_resamples)
+    mre = {
+        name: interval(float(np.mean([errors[name].mean() for errors in per_run])), samples[name])
+        for name in per_run[0]
+    }
+    positions = runs[0]["relative_length_error"]
+    remaining = {
+        position: {
+            "mean": float(np.mean(values)), "min": min(values), "max": max(values),
+            "baseline": float(np.mean([run["relative_length_error_remaining_baseline"][position] for run in runs])),
+        }
+        for position in positions
+        for values in [[run["relative_length_error"][position] for run in runs]]
+    }  # fmt: skip
+    return {
+        "lenvms": [run["args"]["lenvm_path"] for run in runs],
+        "num_prompts": len(prompt_ids),
+        "prompt_mre": mre,
+        "prompt_mre_per_seed": [run["prompt_mre"]["lenvm"] for run in runs],
+        "relative_length_error": remaining,
+    }
 
 
 def _lengths(run_side: dict, where: str) -> np.ndarray:
@@ -160,6 +217,30 @@ def _ci(value: dict, digits: int = 1) -> str:
 
 def format_markdown(results: dict) -> str:
     lines = []
+    prediction = results.get("length_prediction")
+    if prediction:
+        per_seed = ", ".join(f"{100 * value:.1f}%" for value in prediction["prompt_mre_per_seed"])
+        lines += [
+            f"Length prediction, prompt-boundary MRE (%) over {len(prediction['lenvms'])} LenVMs x "
+            f"{prediction['num_prompts']} held-out prompts: mean [95% CI]; the LenVMs: {per_seed}",
+            "",
+            "| predictor | prompt-boundary MRE |",
+            "|---|---|",
+        ]
+        for name in (*PREDICTORS.values(), "lenvm_minus_regression"):
+            value = {k: (100 * v if v is not None else None) for k, v in prediction["prompt_mre"][name].items()}
+            lines.append(f"| {name} | {_ci(value)} |")
+        lines += [
+            "",
+            "| position | LenVM remaining-length error (mean, min-max) | mean-remaining baseline |",
+            "|---|---|---|",
+        ]
+        for position, row in prediction["relative_length_error"].items():
+            lines.append(
+                f"| {position} | {100 * row['mean']:.1f}% ({100 * row['min']:.1f}-{100 * row['max']:.1f}%) | "
+                f"{100 * row['baseline']:.1f}% |"
+            )
+        lines.append("")
     control = results.get("length_control")
     if control:
         lines += [
@@ -204,8 +285,9 @@ def format_markdown(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure  # a bare Figure renders with Agg, without touching pyplot's backend
 
-    control, tradeoff = results.get("length_control"), results.get("tradeoff")
-    panels = (list(control["constraints"]) if control else []) + (["tradeoff"] if tradeoff else [])
+    prediction, control, tradeoff = (results.get(key) for key in ("length_prediction", "length_control", "tradeoff"))
+    panels = (["prediction"] if prediction else []) + (list(control["constraints"]) if control else [])
+    panels += ["tradeoff"] if tradeoff else []
     figure = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
 
@@ -216,7 +298,15 @@ def plot(results: dict, path: Path) -> None:
         axis.errorbar(xs, means, yerr=[means - low, high - means], fmt=style, capsize=3, label=label)
 
     for axis, panel in zip(axes, panels):
-        if panel == "tradeoff":
+        if panel == "prediction":
+            names = list(PREDICTORS.values())
+            values = [
+                {k: 100 * v if v is not None else None for k, v in prediction["prompt_mre"][n].items()} for n in names
+            ]
+            errorbar(axis, range(len(names)), values, "o", "mean [95% CI] over LenVM seeds and prompts")
+            axis.set_xticks(range(len(names)), ["LenVM", "constant", "log-p regression", "linear"])
+            axis.set(title="Prompt-boundary MRE", ylabel="MRE (%)", ylim=(0, None))
+        elif panel == "tradeoff":
             rows = tradeoff["per_beta"]
             tokens = [row["mean_tokens"]["mean"] for row in rows]
             errorbar(axis, tokens, [row["accuracy"] for row in rows], "s-", "LenVM tilt")
@@ -232,13 +322,17 @@ def plot(results: dict, path: Path) -> None:
             axis.set(title=panel.replace("_", " ").title(), xlabel="target T (tokens)", ylabel="Length Score")
             axis.set_ylim(0, 105)
         axis.legend()
-    seeds = (control or tradeoff)["seeds"]
-    figure.suptitle(f"LenVM at inference over seeds {seeds} (95% CI over seeds and problems)")
+    figure.suptitle("LenVM at inference over seeds (95% CI over seeds and problems)")
     figure.savefig(path, dpi=120)
 
 
 def main(script_args: SeedSummaryArguments) -> dict:
     results = {}
+    if script_args.length_prediction_dirs:
+        runs = load_seed_runs(
+            script_args.length_prediction_dirs, "eval_length_prediction", LENGTH_PREDICTION_PER_RUN_ARGS, "lenvm_path"
+        )
+        results["length_prediction"] = length_prediction_summary(runs, script_args.num_resamples)
     if script_args.length_control_dirs:
         runs = load_seed_runs(script_args.length_control_dirs, "length_control")
         results["length_control"] = length_control_summary(runs, script_args.num_resamples)

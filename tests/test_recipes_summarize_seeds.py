@@ -1,4 +1,4 @@
-"""`recipes/summarize_seeds.py` on real runs of the guided-decoding recipes (tiny models, two seeds)."""
+"""`recipes/summarize_seeds.py` on real runs of the evaluation recipes (tiny models, two seeds or two LenVMs)."""
 
 import json
 import sys
@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_causal_lm, write_guided_eval_world
+from conftest import make_rollout_records, make_tiny_causal_lm, write_guided_eval_world
 
 from lenvm_rl.metrics import length_score
 from lenvm_rl.modeling import LengthValueModel
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 import eval_length_control  # noqa: E402
+import eval_length_prediction  # noqa: E402
 import eval_tradeoff  # noqa: E402
 import summarize_seeds  # noqa: E402
 
@@ -92,6 +93,57 @@ def test_runs_that_are_not_one_evaluation_at_distinct_seeds_are_refused(seed_run
         summarize_seeds.main(summarize(output_dir=str(tmp_path), tradeoff_dirs=[dirs["tradeoff"][0], str(other)]))
     with pytest.raises(FileNotFoundError, match="eval_length_control.py"):
         summarize_seeds.main(summarize(output_dir=str(tmp_path), length_control_dirs=[str(root / "missing")]))
-    with pytest.raises(ValueError, match="--length_control_dirs and/or --tradeoff_dirs"):
+    with pytest.raises(ValueError, match="--length_prediction_dirs, --length_control_dirs and/or --tradeoff_dirs"):
         summarize(output_dir=str(tmp_path))
     assert not (tmp_path / "inference_seeds.json").exists()  # nothing written by a refused summary
+
+
+def test_length_prediction_over_lenvm_seeds(tmp_path):
+    """Two LenVMs evaluated on the same held-out rollouts: the MRE is their mean, the baselines are shared, and a
+    LenVM evaluated on other prompts is refused."""
+
+    def write(path, records):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    write(tmp_path / "train" / "shard-00000-of-00001" / "chunk-000000.jsonl", make_rollout_records(6, 3, seed=2))
+    write(tmp_path / "eval" / "a.jsonl", make_rollout_records(4, 4, seed=3))
+    write(tmp_path / "other" / "a.jsonl", make_rollout_records(4, 4, seed=4))
+    out_dirs = []
+    for seed, held_out in ((1, "eval"), (2, "eval"), (3, "other")):
+        lenvm = LengthValueModel.from_backbone(make_tiny_causal_lm(seed=seed), gamma=0.9, generator_model="tiny")
+        lenvm.save_pretrained(tmp_path / f"lenvm{seed}")
+        out_dirs.append(str(tmp_path / f"out{seed}"))
+        eval_length_prediction.main(
+            eval_length_prediction.EvalLengthPredictionArguments(
+                lenvm_path=str(tmp_path / f"lenvm{seed}"), train_rollouts=str(tmp_path / "train"),
+                eval_rollouts=str(tmp_path / held_out / "*.jsonl"), output_dir=out_dirs[-1], batch_size=4,
+            )
+        )  # fmt: skip
+    summarize = summarize_seeds.SeedSummaryArguments
+    results = summarize_seeds.main(summarize(output_dir=str(tmp_path / "sum"), length_prediction_dirs=out_dirs[:2]))
+    runs = [json.loads((Path(d) / "eval_length_prediction.json").read_text()) for d in out_dirs[:2]]
+    mre = results["length_prediction"]["prompt_mre"]
+    assert runs[0]["prompt_mre"]["lenvm"] != runs[1]["prompt_mre"]["lenvm"]
+    assert mre["lenvm"]["mean"] == pytest.approx(np.mean([run["prompt_mre"]["lenvm"] for run in runs]))
+    assert mre["constant"]["mean"] == pytest.approx(runs[0]["prompt_mre"]["constant"])
+    assert mre["lenvm_minus_regression"]["mean"] == pytest.approx(
+        mre["lenvm"]["mean"] - mre["prompt_length_regression"]["mean"]
+    )
+    assert mre["lenvm"]["ci_low"] <= mre["lenvm"]["mean"] <= mre["lenvm"]["ci_high"]
+    remaining = results["length_prediction"]["relative_length_error"]["50%"]
+    assert remaining["min"] <= remaining["mean"] <= remaining["max"]
+    assert "| lenvm |" in (tmp_path / "sum" / "inference_seeds.md").read_text()
+    with pytest.raises(ValueError, match=r"another evaluation.*\['eval_rollouts'\] differ"):
+        summarize_seeds.main(summarize(output_dir=str(tmp_path / "bad"), length_prediction_dirs=out_dirs[::2]))
+    edited = json.loads((Path(out_dirs[2]) / "eval_length_prediction.json").read_text())
+    edited["args"]["eval_rollouts"] = runs[0]["args"]["eval_rollouts"]  # same path, other files behind it
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "eval_length_prediction.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="other held-out prompts"):
+        summarize_seeds.main(
+            summarize(output_dir=str(tmp_path / "bad"), length_prediction_dirs=[out_dirs[0], str(tmp_path / "edited")])
+        )
+    with pytest.raises(ValueError, match="distinct lenvm_paths"):
+        summarize_seeds.main(summarize(output_dir=str(tmp_path / "bad"), length_prediction_dirs=out_dirs[:1] * 2))
+    assert not (tmp_path / "bad").exists()

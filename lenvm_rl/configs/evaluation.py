@@ -220,9 +220,11 @@ class EvalTradeoffArguments(GuidedEvalArguments):
 
 @dataclass
 class SeedSummaryArguments:
-    """Arguments of `recipes/summarize_seeds.py`: guided-decoding evaluations of one setting over several seeds.
+    """Arguments of `recipes/summarize_seeds.py`: evaluations of one setting over several seeds.
 
     Parameters:
+        length_prediction_dirs (`list[str]`): Output directories of `recipes/eval_length_prediction.py`, one per
+            LenVM training seed (same held-out rollouts).
         length_control_dirs (`list[str]`): Output directories of `recipes/eval_length_control.py`, one per seed.
         tradeoff_dirs (`list[str]`): Output directories of `recipes/eval_tradeoff.py`, one per seed.
         output_dir (`str`): Where `inference_seeds.json` / `.md` / `.png` go.
@@ -230,6 +232,9 @@ class SeedSummaryArguments:
     """
 
     output_dir: str = field(metadata={"help": "Where inference_seeds.json / .md / .png go."})
+    length_prediction_dirs: list[str] = field(
+        default_factory=list, metadata={"help": "eval_length_prediction.py output directories, one per LenVM seed."}
+    )
     length_control_dirs: list[str] = field(
         default_factory=list, metadata={"help": "eval_length_control.py output directories, one per seed."}
     )
@@ -239,7 +244,9 @@ class SeedSummaryArguments:
     num_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples over seeds and problems."})
 
     def __post_init__(self):
-        if not self.length_control_dirs and not self.tradeoff_dirs:
-            raise ValueError("Pass --length_control_dirs and/or --tradeoff_dirs (one directory per seed).")
+        if not (self.length_prediction_dirs or self.length_control_dirs or self.tradeoff_dirs):
+            raise ValueError(
+                "Pass --length_prediction_dirs, --length_control_dirs and/or --tradeoff_dirs (one directory per seed)."
+            )
         if self.num_resamples < 1:
             raise ValueError(f"--num_resamples must be >= 1, got {self.num_resamples}.")
