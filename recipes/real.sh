@@ -48,10 +48,10 @@ step "4/8 rollouts: 256 train prompts x 4, 64 held-out x 8" bash -c \
    $PY recipes/sample_rollouts.py --config recipes/configs/rollouts_demo_smollm2_eval.yaml"
 step "5/8 LenVM pretraining" lenvm
 step "6/8 length prediction on held-out prompts" length_eval
-step "7/8 PPO with and without the LenVM, seeds 0-1 (2 runs at a time)" $PY recipes/ablate_length.py \
+step "7/8 PPO without the LenVM and with it at s = 0.3 and 1, seeds 0-2 (2 runs at a time)" $PY recipes/ablate_length.py \
   --base_config recipes/configs/ppo_demo_smollm2.yaml --output_dir "$OUT/ppo" --world_dir outputs/demo/world \
-  --methods none advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 2
-step "8/8 GRPO with and without the LenVM, seeds 0-1 (2 runs at a time)" $PY recipes/ablate_length.py --trainer grpo \
+  --methods none advantage --advantage_coefs 0.3 1.0 --seeds 0 1 2 --num_parallel 2
+step "8/8 GRPO with and without the LenVM, seeds 0-2 (2 runs at a time)" $PY recipes/ablate_length.py --trainer grpo \
   --base_config recipes/configs/grpo_demo_smollm2.yaml --output_dir "$OUT/grpo" --world_dir outputs/demo/world \
-  --methods grpo advantage --advantage_coefs 1.0 --seeds 0 1 --num_parallel 2
+  --methods grpo advantage --advantage_coefs 1.0 --seeds 0 1 2 --num_parallel 2
 echo "results: $OUT/ppo/ablation.md, $OUT/grpo/ablation.md (tables), $OUT/eval_length_prediction.json, $TIMES"
