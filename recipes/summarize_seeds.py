@@ -23,8 +23,8 @@ quantity of a problem resampled together (so guided and unguided, LenVM and base
 - Tradeoff: per tilt strength beta, accuracy and mean tokens; the token-budget accuracy at the same mean tokens is a
   property of each seed's whole beta = 0 sample, so it is given as the seeds' mean and range.
 
-Writes `inference_seeds.json`, `inference_seeds.md` (the tables) and `inference_seeds.png` (Length Score against
-the target per constraint, accuracy against tokens for the tilt, with intervals).
+Writes `inference_seeds.json`, `inference_seeds.md` (the tables) and `inference_seeds.png` (the MRE per predictor,
+Length Score against the target per constraint, accuracy against tokens for the tilt, with intervals).
 """
 
 import json
