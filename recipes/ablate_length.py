@@ -606,10 +606,10 @@ def plot_stop_advantage(result: dict, path: Path) -> bool:
     figure = Figure(figsize=(13.5 if with_tokens else 9, 3.8), layout="constrained")
     axes = figure.subplots(1, 3 if with_tokens else 2)
     axes[1].sharey(axes[0])
+    keys = [*ADVANTAGE_KEYS, "response_tokens"] if with_tokens else list(ADVANTAGE_KEYS)
     for k, (name, row) in enumerate(rows.items()):
         series = [run["advantage_series"] for run in row["runs"] if run.get("advantage_series")]
         steps = min((s["steps"] for s in series), key=len)
-        keys = [*ADVANTAGE_KEYS, "response_tokens"] if with_tokens else list(ADVANTAGE_KEYS)
         for ax, key in zip(axes, keys):
             mean = np.mean([s[key][: len(steps)] for s in series], axis=0)
             ax.plot(steps, mean, color=f"C{k % 10}", lw=1.2, label=name)

@@ -96,15 +96,16 @@ def length_prediction_summary(runs: list[dict], num_resamples: int) -> dict:
         name: interval(float(np.mean([errors[name].mean() for errors in per_run])), samples[name])
         for name in per_run[0]
     }
-    positions = runs[0]["relative_length_error"]
-    remaining = {
-        position: {
-            "mean": float(np.mean(values)), "min": min(values), "max": max(values),
-            "baseline": float(np.mean([run["relative_length_error_remaining_baseline"][position] for run in runs])),
+    remaining = {}
+    for position in runs[0]["relative_length_error"]:
+        values = [run["relative_length_error"][position] for run in runs]
+        baseline = [run["relative_length_error_remaining_baseline"][position] for run in runs]
+        remaining[position] = {
+            "mean": float(np.mean(values)),
+            "min": min(values),
+            "max": max(values),
+            "baseline": float(np.mean(baseline)),
         }
-        for position in positions
-        for values in [[run["relative_length_error"][position] for run in runs]]
-    }  # fmt: skip
     return {
         "lenvms": [run["args"]["lenvm_path"] for run in runs],
         "num_prompts": len(prompt_ids),
@@ -136,10 +137,11 @@ def length_control_summary(runs: list[dict], num_resamples: int) -> dict:
             values = {}
             for target in targets:
                 entry = run["constraints"][constraint]["per_target"][target]
-                for side in ("unguided", "guided"):
-                    lengths = _lengths(entry[side], f"length_control seed {run['args']['seed']} {constraint} {target}")
-                    values[f"{side}/{target}"] = length_score(lengths, int(target), constraint).numpy()
-                values[f"guided_length/{target}"] = _lengths(entry["guided"], "")
+                where = f"length_control seed {run['args']['seed']} {constraint} {target}"
+                lengths = {side: _lengths(entry[side], where) for side in ("unguided", "guided")}
+                for side, side_lengths in lengths.items():
+                    values[f"{side}/{target}"] = length_score(side_lengths, int(target), constraint).numpy()
+                values[f"guided_length/{target}"] = lengths["guided"]
             for side in ("unguided", "guided"):
                 values[f"{side}/mean"] = np.mean([values[f"{side}/{t}"] for t in targets], axis=0)
             per_run.append(values)
