@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "format_interval",
     "hierarchical_bootstrap",
     "interval",
     "matched_accuracy_tokens",
@@ -135,6 +136,24 @@ def interval(point: float, samples: np.ndarray, confidence: float = 0.95) -> dic
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(samples, [tail, 100 - tail])
     return {"mean": float(point), "ci_low": float(low), "ci_high": float(high)}
+
+
+def format_interval(stat: Mapping | None, fmt: str = ".1f", percent: bool = False) -> str:
+    """An [`interval`] dict as ``"mean [low, high]"`` (``"mean"`` without interval, ``""`` for `None`).
+
+    Example:
+        >>> format_interval({"mean": 0.25, "ci_low": 0.2, "ci_high": 0.3}, ".0f", percent=True)
+        '25% [20%, 30%]'
+        >>> format_interval({"mean": 31.84, "ci_low": None, "ci_high": None})
+        '31.8'
+    """
+    if stat is None:
+        return ""
+    scale, suffix = (100, "%") if percent else (1, "")
+    text = f"{scale * stat['mean']:{fmt}}{suffix}"
+    if stat.get("ci_low") is not None:
+        text += f" [{scale * stat['ci_low']:{fmt}}{suffix}, {scale * stat['ci_high']:{fmt}}{suffix}]"
+    return text
 
 
 def removable_share(start_tokens, tokens, floor_tokens):

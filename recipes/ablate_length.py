@@ -45,7 +45,7 @@ import yaml
 from transformers import AutoTokenizer
 from trl import TrlParser
 
-from lenvm_rl.ablation_stats import matched_accuracy_tokens, row_statistics, run_problem_values
+from lenvm_rl.ablation_stats import format_interval, matched_accuracy_tokens, row_statistics, run_problem_values
 from lenvm_rl.configs import AblationArguments
 from lenvm_rl.demo import DEMO_STYLES, generate_demo_problems, write_demo_solution
 from lenvm_rl.io import write_json_atomic, write_text_atomic
@@ -429,16 +429,6 @@ def method_frontiers(args: AblationArguments, rows: dict, samples: dict, target:
 # ---------------------------------------------------------------------- outputs
 
 
-def _ci(stat: dict | None, fmt: str, percent: bool = False) -> str:
-    if stat is None:
-        return ""
-    scale, suffix = (100, "%") if percent else (1, "")
-    text = f"{scale * stat['mean']:{fmt}}{suffix}"
-    if stat.get("ci_low") is not None:
-        text += f" [{scale * stat['ci_low']:{fmt}}{suffix}, {scale * stat['ci_high']:{fmt}}{suffix}]"
-    return text
-
-
 def table(result: dict) -> str:
     """The markdown tables: every row, the tokens at matched accuracy per method, and (PPO) the stop-token advantage."""
     start, floor, rows = result["start"], result["floor"], result["rows"]
@@ -459,7 +449,14 @@ def table(result: dict) -> str:
             values = [name, str(n), "not run yet", "", "", ""]
         else:
             spread = f"{stats['accuracy']['seed_std']:.3f} / {stats['mean_tokens']['seed_std']:.1f}"
-            values = [name, str(n), _ci(stats["accuracy"], ".3f"), _ci(stats["mean_tokens"], ".1f"), spread, change]
+            values = [
+                name,
+                str(n),
+                format_interval(stats["accuracy"], ".3f"),
+                format_interval(stats["mean_tokens"], ".1f"),
+                spread,
+                change,
+            ]
         return "| " + " | ".join(values + ([share] if floor else [])) + " |"
 
     if start:
@@ -478,8 +475,8 @@ def table(result: dict) -> str:
         lines.append("| " + " | ".join(values) + " |")
     for name, row in rows.items():
         stats = row["statistics"]
-        change = _ci(stats["tokens_vs_start"], "+.0f", percent=True) if stats else ""
-        share = _ci(stats.get("removable_share"), ".0f", percent=True) if stats else ""
+        change = format_interval(stats["tokens_vs_start"], "+.0f", percent=True) if stats else ""
+        share = format_interval(stats.get("removable_share"), ".0f", percent=True) if stats else ""
         lines.append(cells(name, row["n_seeds"], stats, change, share))
 
     if result["matched_accuracy"] is not None:
@@ -500,7 +497,9 @@ def table(result: dict) -> str:
                 lines.append(f"| {method} | | not run yet | | |")
                 continue
             if matched["reached"]:
-                tokens = _ci({"mean": matched["tokens"], **{k: matched[k] for k in ("ci_low", "ci_high")}}, ".1f")
+                tokens = format_interval(
+                    {"mean": matched["tokens"], **{k: matched[k] for k in ("ci_low", "ci_high")}}, ".1f"
+                )
                 change = f"{matched['tokens'] / start_tokens - 1:+.0%}"
             elif matched["side"] == "above":
                 tokens = f"not reached (accuracy above it down to {matched['bound']:.1f} tokens)"

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from trl import TrlParser
 
-from lenvm_rl.ablation_stats import hierarchical_bootstrap, interval, per_problem_means
+from lenvm_rl.ablation_stats import format_interval, hierarchical_bootstrap, interval, per_problem_means
 from lenvm_rl.configs import SeedSummaryArguments
 from lenvm_rl.io import write_json_atomic, write_text_atomic
 from lenvm_rl.metrics import length_score
@@ -211,27 +211,20 @@ def tradeoff_summary(runs: list[dict], num_resamples: int) -> dict:
     return summary
 
 
-def _ci(value: dict, digits: int = 1) -> str:
-    if value["ci_low"] is None:
-        return f"{value['mean']:.{digits}f}"
-    return f"{value['mean']:.{digits}f} [{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}]"
-
-
 def format_markdown(results: dict) -> str:
     lines = []
     prediction = results.get("length_prediction")
     if prediction:
         per_seed = ", ".join(f"{100 * value:.1f}%" for value in prediction["prompt_mre_per_seed"])
         lines += [
-            f"Length prediction, prompt-boundary MRE (%) over {len(prediction['lenvms'])} LenVMs x "
+            f"Length prediction, prompt-boundary MRE over {len(prediction['lenvms'])} LenVMs x "
             f"{prediction['num_prompts']} held-out prompts: mean [95% CI]; the LenVMs: {per_seed}",
             "",
             "| predictor | prompt-boundary MRE |",
             "|---|---|",
         ]
         for name in (*PREDICTORS.values(), "lenvm_minus_regression"):
-            value = {k: (100 * v if v is not None else None) for k, v in prediction["prompt_mre"][name].items()}
-            lines.append(f"| {name} | {_ci(value)} |")
+            lines.append(f"| {name} | {format_interval(prediction['prompt_mre'][name], percent=True)} |")
         lines += [
             "",
             "| position | LenVM remaining-length error (mean, min-max) | mean-remaining baseline |",
@@ -256,13 +249,13 @@ def format_markdown(results: dict) -> str:
             for target, row in block["per_target"].items():
                 accuracy = np.mean(row["guided_accuracy_per_seed"])
                 lines.append(
-                    f"| {constraint} | {target} | {_ci(row['unguided'])} | {_ci(row['guided'])} | "
-                    f"{_ci(row['guided_minus_unguided'])} | {_ci(row['guided_mean_length'])} | {accuracy:.3f} |"
+                    f"| {constraint} | {target} | {format_interval(row['unguided'])} | {format_interval(row['guided'])} | "
+                    f"{format_interval(row['guided_minus_unguided'])} | {format_interval(row['guided_mean_length'])} | {accuracy:.3f} |"
                 )
             mean = block["mean"]
             lines.append(
-                f"| {constraint} | **mean** | {_ci(mean['unguided'])} | **{_ci(mean['guided'])}** | "
-                f"{_ci(mean['guided_minus_unguided'])} | | |"
+                f"| {constraint} | **mean** | {format_interval(mean['unguided'])} | **{format_interval(mean['guided'])}** | "
+                f"{format_interval(mean['guided_minus_unguided'])} | | |"
             )
         lines.append("")
     tradeoff = results.get("tradeoff")
@@ -277,7 +270,7 @@ def format_markdown(results: dict) -> str:
         for row in tradeoff["per_beta"]:
             budget = row["budget_accuracy_at_same_tokens"]
             lines.append(
-                f"| {row['beta']:g} | {_ci(row['mean_tokens'])} | {_ci(row['accuracy'], 3)} | "
+                f"| {row['beta']:g} | {format_interval(row['mean_tokens'])} | {format_interval(row['accuracy'], '.3f')} | "
                 f"{budget['mean']:.3f} ({budget['min']:.3f}-{budget['max']:.3f}) |"
             )
         lines.append("")

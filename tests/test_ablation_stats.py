@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lenvm_rl.ablation_stats import (
+    format_interval,
     hierarchical_bootstrap,
     interval,
     matched_accuracy_tokens,
@@ -184,3 +185,11 @@ def test_matched_accuracy_tokens_interval():
     # A sweep that never reaches the matched accuracy has no interval.
     never = matched_accuracy_tokens([(40.0, 0.8), (30.0, 0.7)], constant, target=0.85)
     assert not never["reached"] and never["side"] == "below" and never["ci_low"] is None
+
+
+def test_format_interval():
+    stat = interval(0.5, np.array([0.4, 0.6]), confidence=1.0)
+    assert format_interval(stat, ".2f") == "0.50 [0.40, 0.60]"
+    assert format_interval(stat, "+.0f", percent=True) == "+50% [+40%, +60%]"
+    assert format_interval(interval(3.0, np.array([np.nan]))) == "3.0"
+    assert format_interval(None) == ""
