@@ -28,6 +28,7 @@ __all__ = [
     "rms_normalize_length_advantages",
     "scheduled_length_coef",
     "truncate_after_stop_token",
+    "truncated_importance_weights",
 ]
 
 LENGTH_COEF_SCHEDULES = ("constant", "linear")
@@ -201,17 +202,63 @@ def kl_estimates(
     raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    clip_max: float,
+    mode: Literal["token_truncate", "token_mask"] = "token_truncate",
+) -> torch.Tensor:
+    """Per-token importance weights of tokens sampled by another engine than the one that scores them (truncated
+    importance sampling, Yao et al. 2025; TRL's vLLM correction at token level).
+
+        w_t = pi_old(a_t) / mu(a_t) = exp(log pi_old(a_t) - log mu(a_t))      mu = the sampler (vLLM)
+        token_truncate:  w_t = min(w_t, C)
+        token_mask:      w_t = w_t if w_t <= C else 0
+
+    Args:
+        old_logprobs, sampler_logprobs (`torch.Tensor`): `(B, T)` log-probabilities of the sampled tokens under the
+            training model at rollout time and under the sampler (both at the sampling temperature).
+        mask (`torch.Tensor`): `(B, T)`, True on real response tokens.
+        clip_max (`float`): `C`, at least 1.
+        mode (`str`, *optional*, defaults to `"token_truncate"`): see above.
+
+    Returns:
+        `torch.Tensor`: `(B, T)` weights, 1 on padding.
+
+    Example:
+        >>> import math
+        >>> old, sampler = torch.tensor([[math.log(0.5), math.log(0.9)]]), torch.tensor([[math.log(0.1), math.log(0.9)]])
+        >>> truncated_importance_weights(old, sampler, torch.tensor([[True, True]]), clip_max=3.0)
+        tensor([[3., 1.]])
+    """
+    mask = mask.bool()
+    # Padding is zeroed before exp, as in clipped_policy_loss: an arbitrary difference there could overflow.
+    ratio = torch.exp((old_logprobs - sampler_logprobs).masked_fill(~mask, 0.0))
+    if mode == "token_truncate":
+        ratio = ratio.clamp(max=clip_max)
+    elif mode == "token_mask":
+        ratio = ratio.masked_fill(ratio > clip_max, 0.0)
+    else:
+        raise ValueError(f"mode must be 'token_truncate' or 'token_mask', got {mode!r}")
+    return ratio.masked_fill(~mask, 1.0)
+
+
 def clipped_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), a token-level masked mean.
 
         rho_t = exp(log pi(a_t) - log pi_old(a_t))
-        L     = mean_mask max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
+        L     = mean_mask w_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
+
+    `w_t` are optional per-token weights (`token_weights`, `(B, T)`, no gradient), e.g.
+    [`truncated_importance_weights`] when another engine sampled the tokens; without them `w_t = 1`.
 
     Returns:
         `tuple`: the loss (scalar, differentiable) and detached statistics ``approxkl``
@@ -230,7 +277,10 @@ def clipped_policy_loss(
     ratio = torch.exp(log_ratio)
     losses = -advantages * ratio
     clipped_losses = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(losses, clipped_losses), mask)
+    token_losses = torch.max(losses, clipped_losses)
+    if token_weights is not None:
+        token_losses = token_losses * token_weights.detach()
+    loss = masked_mean(token_losses, mask)
     with torch.no_grad():
         stats = {
             "approxkl": 0.5 * masked_mean(log_ratio**2, mask),

