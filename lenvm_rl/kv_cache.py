@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .modeling import position_ids_from_mask
+from .transformers_compat import cache_kwargs
 
 __all__ = [
     "AppendInPlaceLayer",
@@ -127,7 +128,7 @@ def forward_with_cache(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=cache,  # transformers 5.24 renamed `past_key_values` (deprecated, removed in 5.40)
+        **cache_kwargs(cache),  # `cache` since transformers 5.24, `past_key_values` before
         use_cache=True,
         **kwargs,
     )

@@ -55,6 +55,7 @@ from .lenvm_checkpoint import (
     save_lenvm_directory,
     write_lenvm_files,
 )
+from .transformers_compat import activation_checkpointing_disable, activation_checkpointing_enable, output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ class LengthValueModel(nn.Module):
         return LengthValueModelOutput(
             values=-torch.sigmoid(value_logits),  # (B, T)
             value_logits=value_logits,
-            cache=outputs.cache if kwargs["use_cache"] else None,
+            cache=output_cache(outputs) if kwargs["use_cache"] else None,
         )
 
     @torch.no_grad()
@@ -449,11 +450,11 @@ class LengthValueModel(nn.Module):
 
         ``transformers`` defaults to ``use_reentrant=False``, which also works with frozen embeddings (LoRA).
         """
-        _unwrap_peft(self.backbone).activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        activation_checkpointing_enable(_unwrap_peft(self.backbone), activation_checkpointing_kwargs or kwargs or None)
 
     def activation_checkpointing_disable(self) -> None:
         """Disable activation (gradient) checkpointing in the backbone."""
-        _unwrap_peft(self.backbone).activation_checkpointing_disable()
+        activation_checkpointing_disable(_unwrap_peft(self.backbone))
 
 
 def _check_metrics(metrics: dict | None) -> dict[str, float] | None:

@@ -8,7 +8,7 @@ Three things live here, each used by one caller:
 - [`make_vllm_engine`] / [`generate_completions_vllm`]: an offline `vllm.LLM` that samples the same
   [`~lenvm_rl.generation.GeneratedCompletion`] records as the built-in sampler (`recipes/sample_rollouts.py
   --use_vllm`).
-- [`LenVMVLLMGeneration`]: TRL's `trl.generation.VLLMGeneration` (server and colocate modes, LoRA merged before a
+- [`LenVMVLLMGeneration`] (and [`vllm_generation_class_of`], which makes `GRPOTrainer` build it): TRL's `trl.generation.VLLMGeneration` (server and colocate modes, LoRA merged before a
   sync, ZeRO-3 gathering) with two changes that make colocate mode run on a CPU: the engine's dtype is the one
   asked for (TRL leaves it to vLLM's `"auto"`, which turns a float32 checkpoint into bfloat16), and the weight sync
   goes through one seam, [`LenVMVLLMGeneration.load_weights_into_engine`], chosen by device: TRL's per-tensor
@@ -21,7 +21,8 @@ one); importing this module does not import it.
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -39,6 +40,7 @@ __all__ = [
     "make_vllm_engine",
     "LenVMVLLMGeneration",
     "torch_dtype_name",
+    "vllm_generation_class_of",
     "vllm_unavailable_message",
 ]
 
@@ -281,3 +283,20 @@ def _repack_cpu_vocab_layers(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, VocabParallelEmbedding) and module.quant_method is not None:
             module.quant_method.process_weights_after_loading(module)
+
+
+@contextmanager
+def vllm_generation_class_of(trainer_module, dtype: str | None) -> Iterator[None]:
+    """Within the block, the trainer module's `VLLMGeneration` (the class TRL's `GRPOTrainer.__init__` builds its
+    backend from) builds a [`LenVMVLLMGeneration`] instead, in `dtype` (`None`: the policy's weight dtype)."""
+    original = trainer_module.VLLMGeneration
+
+    def build(*args, model, **kwargs):
+        engine_dtype = dtype or torch_dtype_name(next(model.parameters()).dtype)
+        return LenVMVLLMGeneration(*args, model=model, dtype=engine_dtype, **kwargs)
+
+    trainer_module.VLLMGeneration = build
+    try:
+        yield
+    finally:
+        trainer_module.VLLMGeneration = original

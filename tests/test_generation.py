@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from lenvm_rl.generation import generate_completions, left_pad, sample_next_tokens
 from lenvm_rl.kv_cache import AppendInPlaceLayer, append_rows, forward_with_cache, keep_rows, prefill
 from lenvm_rl.modeling import position_ids_from_mask
+from lenvm_rl.transformers_compat import cache_kwargs
 
 # The decoding loops hand the KV cache over as `cache` (transformers >= 5.24): the deprecated keyword must not return.
 pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
@@ -144,9 +145,9 @@ def test_append_in_place_cache_equals_dynamic_cache(model):
             else:
                 cache, new_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
                 model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                      cache=cache, use_cache=True)  # fmt: skip
+                      **cache_kwargs(cache), use_cache=True)  # fmt: skip
                 model(new_ids, attention_mask=new_mask, position_ids=position_ids_from_mask(new_mask),
-                      cache=new_cache, use_cache=True)  # fmt: skip
+                      **cache_kwargs(new_cache), use_cache=True)  # fmt: skip
             mask, steps = attention_mask, []
             for t in range(AppendInPlaceLayer.headroom + 12):  # the headroom runs out after the splice at t = 9
                 if t == 5:

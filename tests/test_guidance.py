@@ -27,6 +27,7 @@ from lenvm_rl.length_tokens import (
 )
 from lenvm_rl.metrics import length_deviation, length_score, token_budget_curve
 from lenvm_rl.modeling import LengthValueModel, position_ids_from_mask
+from lenvm_rl.transformers_compat import cache_kwargs
 
 # The decoding loops hand the KV cache over as `cache` (transformers >= 5.24): the deprecated keyword must not return.
 pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
@@ -65,7 +66,7 @@ def test_cached_scoring_equals_reencoding(arch):
     candidates = torch.randint(2, 100, (3, 5), generator=torch.Generator().manual_seed(0))
     candidates[1, 2] = EOS
     with torch.no_grad():
-        lenvm(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
+        lenvm(input_ids, attention_mask=attention_mask, position_ids=positions, **cache_kwargs(cache), use_cache=True)
         cached = score_candidates(lenvm, candidates, cache, attention_mask, attention_mask.sum(1), torch.tensor([EOS]))
         naive = score_candidates_by_reencoding(lenvm, input_ids, attention_mask, candidates, torch.tensor([EOS]))
     assert cached.dtype == naive.dtype == torch.float32

@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from ..io import write_json_atomic, write_jsonl_atomic
+from ..transformers_compat import ACTIVATION_CHECKPOINTING_FIELD
 from .measure import reference_length_stats
 from .problems import DEMO_INSTRUCTION, DEMO_SYSTEM_PROMPT, DemoProblem, demo_prompt, demo_rows, generate_demo_problems
 from .shipped import copy_shipped_policy, file_sha256, load_shipped_manifest
@@ -205,7 +206,7 @@ def _train_policy(
         data_seed=seed,
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **{ACTIVATION_CHECKPOINTING_FIELD: False},
         dataloader_num_workers=0,
         logging_steps=max(1, config.max_steps // 20),
         save_strategy="no",

@@ -32,19 +32,22 @@ advantages. Re-check these three when moving the pin.
 
 import logging
 import os
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import prepare_deepspeed
+from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import get_config_model_id
 
 from ..compatibility import check_lenvm_reads_policy_ids
 from ..core import length_advantages
 from ..modeling import LengthValueModel
 from ..rl_math import check_finite, combine_advantages, rms_normalize_length_advantages, scheduled_length_coef
+from ..vllm_engine import vllm_generation_class_of
 from .checkpointing import CompleteCheckpointsMixin
 from .length_critic import (
     LENVM_DIR,
@@ -96,10 +99,23 @@ class LenVMGRPOConfig(LengthCriticConfigMixin, GRPOConfig):
         lenvm_model_name_or_path, lenvm_gamma, length_coef_schedule, length_coef_warmup_steps, length_gamma,
         length_lam:
             See [`~lenvm_rl.trainers.length_critic.LengthCriticConfigMixin`]; the schedule counts optimizer steps.
+
+        > Parameters that control generation with vLLM (with TRL's `use_vllm`, `vllm_mode`, ...)
+
+        vllm_dtype (`str` or `None`, *optional*, defaults to `None`):
+            The colocated engine's dtype (`"float32"`, `"bfloat16"`, `"float16"`); `None` takes the policy's weight
+            dtype. (TRL leaves it to vLLM's `"auto"`, which runs a float32 checkpoint in bfloat16.)
     """
+
+    vllm_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Colocated vLLM engine dtype (float32, bfloat16, float16); default: the policy's."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.vllm_dtype is not None and self.vllm_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--vllm_dtype must be float32, bfloat16, float16 or unset, got {self.vllm_dtype!r}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         if self.length_coef != 0.0:
@@ -220,20 +236,24 @@ class LenVMGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
             missing_message="LenVMGRPOTrainer needs a LenVM: set --lenvm_model_name_or_path or pass `lenvm=` (use "
             "trl.GRPOTrainer for plain GRPO).",
         )
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            rollout_func=rollout_func,
-        )
+        # With use_vllm, TRL's backend is built as LenVMVLLMGeneration: the engine in the dtype asked for, and a weight
+        # sync that also works on a CPU (lenvm_rl.vllm_engine).
+        engine = vllm_generation_class_of(grpo_trainer_module, args.vllm_dtype) if args.use_vllm else nullcontext()
+        with engine:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                rollout_func=rollout_func,
+            )
         if self._is_vlm:
             raise ValueError("LenVMGRPOTrainer supports text-only policies: the LenVM reads text token ids only.")
         if args.lenvm_init == "policy":  # the length critic without pretraining

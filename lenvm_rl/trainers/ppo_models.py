@@ -16,6 +16,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..io import move_files_into
 from ..modeling import freeze_model
+from ..transformers_compat import (
+    activation_checkpointing_disable,
+    activation_checkpointing_enable,
+    is_activation_checkpointing,
+)
 
 __all__ = [
     "prepare_ppo_models",
@@ -82,21 +87,21 @@ class PolicyAndValueWrapper(nn.Module):
     # deprecates on its own models; here they delegate to the new names, for that caller only. It re-enables
     # without arguments, so the settings are remembered.
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        self._checkpointing_kwargs = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
+        self._checkpointing_kwargs = activation_checkpointing_kwargs or kwargs or None
         for model in (self.policy, self.value_model):
-            model.activation_checkpointing_enable(**self._checkpointing_kwargs)
+            activation_checkpointing_enable(model, self._checkpointing_kwargs)
 
     def activation_checkpointing_disable(self):
         for model in (self.policy, self.value_model):
-            model.activation_checkpointing_disable()
+            activation_checkpointing_disable(model)
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return self.policy.is_activation_checkpointing
+        return is_activation_checkpointing(self.policy)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         if gradient_checkpointing_kwargs is None:
-            self.activation_checkpointing_enable(**getattr(self, "_checkpointing_kwargs", {}))
+            self.activation_checkpointing_enable(getattr(self, "_checkpointing_kwargs", None))
         else:
             self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
