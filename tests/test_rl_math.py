@@ -17,6 +17,7 @@ from lenvm_rl.rl_math import (
     rms_normalize_length_advantages,
     scheduled_length_coef,
     truncate_after_stop_token,
+    truncated_importance_weights,
 )
 
 
@@ -101,6 +102,41 @@ def test_clipped_policy_loss_by_hand():
     new.requires_grad_(True)
     clipped_policy_loss(new, old, advantages, mask, 0.2)[0].backward()
     assert torch.isfinite(new.grad).all() and new.grad[0, 2] == 0  # padding never overflows into the gradient
+
+
+def test_truncated_importance_weights_by_hand():
+    old = torch.tensor([[math.log(0.6), math.log(0.2), math.log(0.9), 7.0]])  # the last token is padding
+    sampler = torch.tensor([[math.log(0.1), math.log(0.4), math.log(0.9), -7.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    truncated = truncated_importance_weights(old, sampler, mask, clip_max=3.0)
+    # 0.6 / 0.1 = 6 -> 3 (truncated); 0.2 / 0.4 = 0.5; 0.9 / 0.9 = 1; padding -> 1
+    torch.testing.assert_close(truncated, torch.tensor([[3.0, 0.5, 1.0, 1.0]]))
+    masked = truncated_importance_weights(old, sampler, mask, clip_max=3.0, mode="token_mask")
+    torch.testing.assert_close(masked, torch.tensor([[0.0, 0.5, 1.0, 1.0]]))  # 6 > 3: the token is dropped
+    with pytest.raises(ValueError, match="mode"):
+        truncated_importance_weights(old, sampler, mask, 3.0, mode="sequence_mask")
+
+
+def test_equal_engines_give_unit_weights_and_leave_the_loss_unchanged():
+    torch.manual_seed(0)
+    logprobs, old, advantages = -torch.rand(2, 5), -torch.rand(2, 5), torch.randn(2, 5)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    weights = truncated_importance_weights(old, old, mask, clip_max=2.0)
+    assert torch.equal(weights, torch.ones(2, 5))
+    plain, _ = clipped_policy_loss(logprobs, old, advantages, mask, 0.2)
+    weighted, _ = clipped_policy_loss(logprobs, old, advantages, mask, 0.2, token_weights=weights)
+    assert torch.equal(plain, weighted)
+
+
+def test_token_weights_scale_each_tokens_policy_gradient_term():
+    old, new = torch.zeros(1, 2), torch.zeros(1, 2, requires_grad=True)  # ratio 1: nothing clipped
+    advantages, mask = torch.tensor([[1.0, 1.0]]), torch.tensor([[True, True]])
+    weights = torch.tensor([[3.0, 0.5]], requires_grad=True)
+    loss, _ = clipped_policy_loss(new, old, advantages, mask, 0.2, token_weights=weights)
+    assert loss.item() == pytest.approx((-3.0 - 0.5) / 2)
+    loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[-1.5, -0.25]]))  # d/dnew of -w * exp(new - old) / 2
+    assert weights.grad is None  # the weights are constants of the loss
 
 
 def test_clipped_value_loss_by_hand():
