@@ -450,7 +450,7 @@ class LengthValueModel(nn.Module):
 
         ``transformers`` defaults to ``use_reentrant=False``, which also works with frozen embeddings (LoRA).
         """
-        activation_checkpointing_enable(_unwrap_peft(self.backbone), activation_checkpointing_kwargs or kwargs or None)
+        activation_checkpointing_enable(_unwrap_peft(self.backbone), activation_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self) -> None:
         """Disable activation (gradient) checkpointing in the backbone."""

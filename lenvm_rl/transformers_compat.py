@@ -38,12 +38,13 @@ def output_cache(outputs):
     return outputs.cache if CACHE_RENAMED else outputs.past_key_values
 
 
-def activation_checkpointing_enable(model, checkpointing_kwargs: dict | None = None) -> None:
-    """Enable activation (gradient) checkpointing on a transformers model."""
+def activation_checkpointing_enable(model, checkpointing_kwargs: dict | None = None, **options) -> None:
+    """Enable activation (gradient) checkpointing on a transformers model; `options` such as `every_n_layers` and
+    `offload` are passed on."""
     if CACHE_RENAMED:
-        model.activation_checkpointing_enable(checkpointing_kwargs)
+        model.activation_checkpointing_enable(checkpointing_kwargs, **options)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs, **options)
 
 
 def activation_checkpointing_disable(model) -> None:

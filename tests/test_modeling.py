@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel,
 import lenvm_rl.lenvm_checkpoint as lenvm_checkpoint
 from lenvm_rl.core import values_to_lengths
 from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible, freeze_model, load_frozen_lenvm
+from lenvm_rl.transformers_compat import is_activation_checkpointing
 
 H = 32  # hidden size of the tiny models in conftest
 HEAD_SHAPES = {
@@ -392,13 +393,13 @@ def test_activation_checkpointing_passthrough(lenvm):
         expected = lenvm(input_ids).values
     lenvm.train()
     lenvm.activation_checkpointing_enable()
-    assert lenvm.backbone.is_activation_checkpointing
+    assert is_activation_checkpointing(lenvm.backbone)
     values = lenvm(input_ids).values
     values.sum().backward()
     torch.testing.assert_close(values.detach(), expected)
     assert lenvm.backbone.layers[0].self_attn.q_proj.weight.grad is not None
     lenvm.activation_checkpointing_disable()
-    assert not lenvm.backbone.is_activation_checkpointing
+    assert not is_activation_checkpointing(lenvm.backbone)
 
 
 def test_from_backbone_copies_the_policy():

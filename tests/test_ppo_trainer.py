@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 from lenvm_rl.rl_math import masked_whiten
 from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
 from lenvm_rl.trainers.reward_funcs import reward_model_scores
+from lenvm_rl.transformers_compat import ACTIVATION_CHECKPOINTING_FIELD, is_activation_checkpointing
 from lenvm_rl.vllm_engine import is_vllm_available
 
 TRL_METRICS = [
@@ -457,7 +458,7 @@ def test_reward_model_score_is_read_at_the_last_real_token(trainer, tokenizer):
 
 def test_mixed_precision_and_gradient_checkpointing_are_honoured(tmp_path, tokenizer):
     args = make_args(
-        tmp_path, bf16=True, use_cpu=True, activation_checkpointing=True, total_episodes=4, num_ppo_epochs=1
+        tmp_path, bf16=True, use_cpu=True, total_episodes=4, num_ppo_epochs=1, **{ACTIVATION_CHECKPOINTING_FIELD: True}
     )
     trainer = PPOTrainer(
         args, tokenizer, make_tiny_causal_lm("llama"), reward_funcs=[word_count_reward], train_dataset=make_dataset()
@@ -465,7 +466,7 @@ def test_mixed_precision_and_gradient_checkpointing_are_honoured(tmp_path, token
     assert trainer.accelerator.mixed_precision == "bf16"
     before = snapshot(trainer.model.policy)
     trainer.train()
-    assert trainer.model.policy.is_activation_checkpointing and trainer.model.value_model.is_activation_checkpointing
+    assert is_activation_checkpointing(trainer.model.policy) and is_activation_checkpointing(trainer.model.value_model)
     assert changed(before, trainer.model.policy)
 
 

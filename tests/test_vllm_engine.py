@@ -8,21 +8,31 @@ an environment without vLLM they fail instead of skipping, so a broken engine in
 
 import json
 import math
+import os
 
 import pytest
 import torch
 from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from lenvm_rl.generation import generate_completions
 from lenvm_rl.rollouts import SamplingConfig, load_rollouts, sample_rollouts
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.trainers.ppo import PPOTrainer
 from lenvm_rl.trainers.ppo_config import PPOConfig
-from lenvm_rl.vllm_engine import generate_completions_vllm, is_vllm_available, make_vllm_engine
+from lenvm_rl.vllm_engine import (
+    generate_completions_vllm,
+    is_vllm_available,
+    make_vllm_engine,
+    vllm_generation_class_of,
+)
 
 pytestmark = pytest.mark.vllm
+# Several tiny engines live at once in this module: 1 GiB of KV cache each is plenty.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # vLLM's CPU attention kernels take head sizes of 32 and more: 4 heads of 64.
 HIDDEN = 256
@@ -229,28 +239,33 @@ def test_importance_weights_enter_the_policy_loss(ppo_trainer, tmp_path):
 # ----------------------------------------------------------------------------------------------------------- GRPO
 
 
-def test_lenvm_grpo_on_vllm_records_true_lengths_and_the_method_advantages(tmp_path, policy_dir, tokenizer):
-    from test_lenvm_grpo_trainer import GAMMA, expected_length_advantages, make_lenvm
-
-    lenvm = make_lenvm()
-    args = LenVMGRPOConfig(
+def grpo_args(tmp_path, config_class=LenVMGRPOConfig, **kwargs):
+    defaults = dict(
         output_dir=str(tmp_path / "grpo"),
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=6,
         max_steps=1,
         learning_rate=1e-2,
+        logging_steps=1,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
         use_cpu=True,
         bf16=False,
         seed=0,
-        length_coef=1.0,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=128,
     )
+    return config_class(**{**defaults, **kwargs})
+
+
+def test_lenvm_grpo_on_vllm_records_true_lengths_and_the_method_advantages(tmp_path, policy_dir, tokenizer):
+    from test_lenvm_grpo_trainer import GAMMA, expected_length_advantages, make_lenvm
+
+    lenvm = make_lenvm()
+    args = grpo_args(tmp_path, length_coef=1.0)
     trainer = LenVMGRPOTrainer(
         model=policy_dir,
         reward_funcs=[word_count_reward],
@@ -277,3 +292,28 @@ def test_lenvm_grpo_on_vllm_records_true_lengths_and_the_method_advantages(tmp_p
     expected = torch.tensor([row + [0.0] * (T - len(row)) for row in expected], dtype=torch.float32)
     torch.testing.assert_close(out["length_advantages"], expected, atol=2e-5, rtol=1e-4)
     assert "length/advantages_mean" in trainer.state.log_history[0]
+
+
+def test_lenvm_grpo_at_coef_zero_on_vllm_is_trls_grpo(tmp_path, policy_dir, tokenizer):
+    """Same engine (TRL's GRPOTrainer is given the float32 engine too), same seeds: identical metrics and weights."""
+    from test_lenvm_grpo_trainer import make_lenvm
+
+    common = dict(max_steps=2, per_device_train_batch_size=4, num_generations=4)
+    with vllm_generation_class_of(grpo_trainer_module, "float32"):
+        plain = GRPOTrainer(model=policy_dir, reward_funcs=[word_count_reward],
+                            args=grpo_args(tmp_path / "plain", GRPOConfig, **common),
+                            train_dataset=ppo_dataset(), processing_class=tokenizer)  # fmt: skip
+    plain.train()
+    lenvm = LenVMGRPOTrainer(model=policy_dir, reward_funcs=[word_count_reward],
+                             args=grpo_args(tmp_path / "lenvm", length_coef=0.0, **common), train_dataset=ppo_dataset(),
+                             processing_class=tokenizer, lenvm=make_lenvm(), lenvm_processing_class=tokenizer)  # fmt: skip
+    lenvm.train()
+    timing = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+    plain_logs = [
+        {k: v for k, v in log.items() if k not in timing and "time" not in k} for log in plain.state.log_history
+    ]
+    lenvm_logs = [{k: log[k] for k in plain_log} for plain_log, log in zip(plain_logs, lenvm.state.log_history)]
+    assert plain_logs == lenvm_logs
+    assert len([log for log in plain_logs if "loss" in log]) == 2
+    plain_state, lenvm_state = plain.model.state_dict(), lenvm.model.state_dict()
+    assert all(torch.equal(plain_state[k], lenvm_state[k]) for k in plain_state)

@@ -82,14 +82,14 @@ class PolicyAndValueWrapper(nn.Module):
         values = score_per_token(self.value_model, input_ids, attention_mask, position_ids)
         return logits, values  # (B, logits_to_keep or L, V), (B, L)
 
-    # Activation checkpointing under transformers' names. `Trainer.train` enables it through the first method.
-    # TRL 1.16's generation context (`unwrap_model_for_generation`) still calls the pre-5.24 names, which transformers
-    # deprecates on its own models; here they delegate to the new names, for that caller only. It re-enables
-    # without arguments, so the settings are remembered.
+    # Activation checkpointing under transformers' names (lenvm_rl.transformers_compat bridges the 5.24 rename).
+    # `Trainer.train` enables it through the first method (5.24 and later) or the pre-5.24 name; TRL 1.16's generation
+    # context (`unwrap_model_for_generation`) calls the pre-5.24 names too, and re-enables without arguments, so the
+    # settings are remembered.
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        self._checkpointing_kwargs = activation_checkpointing_kwargs or kwargs or None
+        self._checkpointing_kwargs = {"checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
         for model in (self.policy, self.value_model):
-            activation_checkpointing_enable(model, self._checkpointing_kwargs)
+            activation_checkpointing_enable(model, **self._checkpointing_kwargs)
 
     def activation_checkpointing_disable(self):
         for model in (self.policy, self.value_model):
@@ -99,11 +99,14 @@ class PolicyAndValueWrapper(nn.Module):
     def is_activation_checkpointing(self) -> bool:
         return is_activation_checkpointing(self.policy)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        if gradient_checkpointing_kwargs is None:
-            self.activation_checkpointing_enable(getattr(self, "_checkpointing_kwargs", None))
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options):
+        # transformers < 5.24's Trainer enables through this name (with its options); TRL's generation context
+        # re-enables without arguments, which reuses the last settings.
+        if gradient_checkpointing_kwargs is None and not options:
+            previous = dict(getattr(self, "_checkpointing_kwargs", {}))
+            self.activation_checkpointing_enable(previous.pop("checkpointing_kwargs", None), **previous)
         else:
-            self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+            self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def gradient_checkpointing_disable(self):
         self.activation_checkpointing_disable()

@@ -221,8 +221,17 @@ class TRLPPOCompatMixin:
             tags (`str` or `list[str]`, *optional*): extra Hub tags, for the card.
             **kwargs: passed on (`model_name`, the card's title).
         """
+        # By keyword: transformers < 5.24 has no `private` parameter (it travels in **kwargs there).
+        if private is not None:
+            kwargs["private"] = private
         return super().push_to_hub(
-            commit_message, blocking, token, revision, private, dataset_name=dataset_name, tags=tags, **kwargs
+            commit_message=commit_message,
+            blocking=blocking,
+            token=token,
+            revision=revision,
+            dataset_name=dataset_name,
+            tags=tags,
+            **kwargs,
         )
 
 
