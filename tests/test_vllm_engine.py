@@ -276,13 +276,25 @@ def test_lenvm_grpo_on_vllm_records_true_lengths_and_the_method_advantages(tmp_p
         lenvm_processing_class=tokenizer,
     )
     assert trainer.vllm_generation.llm.llm_engine.model_config.dtype == torch.float32
-    outputs = []
+    outputs, recorded = [], []
     score = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda inputs: outputs.append(score(inputs)) or outputs[-1]
+
+    def score_and_keep(inputs):
+        outputs.append(score(inputs))
+        return outputs[-1]
+
+    generate = trainer._generate
+
+    def generate_and_keep(prompts):
+        result = generate(prompts)
+        recorded.append(trainer._rollout_lengths)  # what _generate recorded, before scoring consumes it
+        return result
+
+    trainer._generate_and_score_completions, trainer._generate = score_and_keep, generate_and_keep
     trainer.train()
 
     out = outputs[0]
-    lengths, terminated = trainer._rollout_lengths
+    lengths, terminated = recorded[0]
     completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(out["completion_ids"], out["completion_mask"])]
     prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(out["prompt_ids"], out["prompt_mask"])]
     assert lengths.tolist() == [len(ids) for ids in completion_ids]  # the engine's completions, EOS included
