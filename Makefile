@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pulling a multi-GB CUDA build when the package's `torch>=2.6` is resolved.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm demo smollm2 real test test-core test-vllm test-slow test-latest style quality bench bench-vllm
+.PHONY: install install-vllm demo smollm2 real test test-core test-vllm test-slow test-latest style quality bench bench-vllm docs docs-serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -71,9 +71,17 @@ test-latest:
 		$(VENV_LATEST)/bin/python -m pytest -m "not slow and not distributed"
 	HF_HUB_OFFLINE=1 $(VENV_LATEST)/bin/python -m pytest -m "distributed and not slow"
 
+# The documentation site (mkdocs.yml, sources in docs/) into site/; `--strict` turns a broken link, a missing page or
+# an API reference that does not resolve into an error. docs-serve: the same site, rebuilt on save, on localhost:8000.
+docs: install
+	$(PY) -m mkdocs build --strict
+
+docs-serve: install
+	$(PY) -m mkdocs serve
+
 style: install
-	$(PY) -m ruff format lenvm_rl tests recipes benchmarks
-	$(PY) -m ruff check --fix lenvm_rl tests recipes benchmarks
+	$(PY) -m ruff format lenvm_rl tests recipes benchmarks tools
+	$(PY) -m ruff check --fix lenvm_rl tests recipes benchmarks tools
 
 bench: install
 	$(PY) benchmarks/lenvm_packing.py
@@ -81,5 +89,5 @@ bench: install
 	$(PY) benchmarks/guided_decoding.py
 
 quality: install
-	$(PY) -m ruff format --check lenvm_rl tests recipes benchmarks
-	$(PY) -m ruff check lenvm_rl tests recipes benchmarks
+	$(PY) -m ruff format --check lenvm_rl tests recipes benchmarks tools
+	$(PY) -m ruff check lenvm_rl tests recipes benchmarks tools

@@ -25,7 +25,7 @@ def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
 
     Raises:
         `ValueError`: listing the vocabulary size, a few differing token-to-id mappings and the special ids
-        that differ.
+            that differ.
     """
     problems = []
     if len(policy_tokenizer) != len(lenvm_tokenizer):

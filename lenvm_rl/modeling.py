@@ -314,11 +314,14 @@ class LengthValueModel(nn.Module):
 
         Args:
             repo_id (`str`): the model repository (`"user/name"`), created if needed.
-            tokenizer, metrics, **kwargs: as in [`~LengthValueModel.save_pretrained`].
+            tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*): as in
+                [`~LengthValueModel.save_pretrained`].
+            metrics (`dict[str, float]`, *optional*): as in [`~LengthValueModel.save_pretrained`].
             commit_message (`str`, *optional*, defaults to `"Upload Length Value Model"`): the commit message.
             private (`bool`, *optional*): visibility of a repository this call creates.
             token (`str`, *optional*): a Hub token with write access (default: the logged-in one).
             revision (`str`, *optional*): the branch to push to.
+            **kwargs: as in [`~LengthValueModel.save_pretrained`].
 
         Returns:
             `huggingface_hub.CommitInfo`: the upload's commit.

@@ -85,22 +85,22 @@ def evaluate_length_prediction(
 
         - ``gamma``, ``generator_model`` (the LenVM's), ``min_completions_per_prompt`` (the rule applied);
         - ``num_prompts`` (prompts scored), ``num_completions`` (finished completions scored),
-          ``num_truncated_excluded`` (completions cut at the cap, left out), ``num_prompts_excluded`` (prompts
-          without a finished completion), ``num_value_targets`` (positions in ``value_mse``);
+            ``num_truncated_excluded`` (completions cut at the cap, left out), ``num_prompts_excluded`` (prompts
+            without a finished completion), ``num_value_targets`` (positions in ``value_mse``);
         - ``prompt_mre``: ``{"lenvm": ...}`` plus, with ``train_dataset``, ``"constant"``,
-          ``"prompt_length_regression"`` (value-space return on log prompt length) and ``"linear_prompt_length"``
-          (the plain least-squares line ``L ~ a + b p`` in tokens);
+            ``"prompt_length_regression"`` (value-space return on log prompt length) and ``"linear_prompt_length"``
+            (the plain least-squares line ``L ~ a + b p`` in tokens);
         - ``mean_true_length`` and ``mean_predicted_length`` (means over prompts of ``L_GT`` and the LenVM's
-          ``L_hat``), ``mean_sampled_length`` (mean over completions);
+            ``L_hat``), ``mean_sampled_length`` (mean over completions);
         - ``value_mse``;
         - ``relative_length_error`` and ``relative_length_error_counts``, keyed ``"0%"``, ``"25%"``, ``"50%"``,
-          ``"75%"`` (completions of the scored prompts), and ``relative_length_error_remaining_baseline`` (with
-          ``train_dataset``): the "mean remaining length given t tokens so far" baseline at the same positions;
+            ``"75%"`` (completions of the scored prompts), and ``relative_length_error_remaining_baseline`` (with
+            ``train_dataset``): the "mean remaining length given t tokens so far" baseline at the same positions;
         - ``baselines`` (``None`` without ``train_dataset``): ``constant_value``, ``constant_length``,
-          ``regression_intercept``, ``regression_slope`` (of ``V = a + b log(prompt_length)``),
-          ``num_train_completions``, ``num_train_truncated_excluded``;
+            ``regression_intercept``, ``regression_slope`` (of ``V = a + b log(prompt_length)``),
+            ``num_train_completions``, ``num_train_truncated_excluded``;
         - ``per_prompt``: lists ``prompt_id``, ``prompt_length``, ``num_completions``, ``true_length``,
-          ``predicted_length`` and, with baselines, ``constant_length`` and ``regression_length``.
+            ``predicted_length`` and, with baselines, ``constant_length`` and ``regression_length``.
 
         Undefined numbers (e.g. no completion long enough for a fraction) are ``None``.
     """

@@ -63,10 +63,14 @@ class PPOConfig(TrainingArguments):
             The engine's context (prompt + `response_length`); `None` takes the model config's maximum.
         vllm_server_base_url (`str` or `None`, *optional*, defaults to `None`):
             Server mode: the server's URL (e.g. `"http://localhost:8000"`); overrides host and port.
-        vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`), vllm_server_port (`int`, *optional*,
-            defaults to `8000`), vllm_server_timeout (`float`, *optional*, defaults to `240.0`), vllm_group_port
-            (`int`, *optional*, defaults to `51216`):
-            Server mode: where the server listens, how long to wait for it, and the weight-update group's port.
+        vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`):
+            Server mode: the host the server listens on.
+        vllm_server_port (`int`, *optional*, defaults to `8000`):
+            Server mode: the port the server listens on.
+        vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+            Server mode: seconds to wait for the server to answer.
+        vllm_group_port (`int`, *optional*, defaults to `51216`):
+            Server mode: the port of the weight-update group.
         vllm_importance_sampling_correction (`bool`, *optional*, defaults to `True`):
             Weight each token's policy-gradient term by the truncated ratio `min(pi_old / pi_vllm, clip_max)` of the
             training model's and the engine's probabilities of the sampled token (TRL's truncated importance
