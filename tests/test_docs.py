@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import lenvm_rl
@@ -210,6 +211,7 @@ def run_shell_command(argv: list[str]) -> None:
         argv = ["python", *argv]
     assert argv[0] == "python", f"the docs runner runs python commands only, got {argv[0]!r}: mark the block skip"
     saved_argv, saved_env = sys.argv, {key: os.environ.get(key) for key in env}
+    saved_threads = torch.get_num_threads()  # recipes may set their own (--num_threads); the suite runs on one
     os.environ.update(env)
     try:
         if argv[1] == "-m":
@@ -221,6 +223,7 @@ def run_shell_command(argv: list[str]) -> None:
     except SystemExit as exit:
         assert exit.code in (None, 0), f"{shlex.join(argv)} exited with {exit.code}"
     finally:
+        torch.set_num_threads(saved_threads)
         sys.argv = saved_argv
         for key, value in saved_env.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
@@ -240,10 +243,10 @@ def test_examples_run(page, demo_workspace, tmp_path, monkeypatch):
         for old, new in block.replacements:
             assert old in code, f"{block.name}: the text to replace, {old!r}, is not in the block"
             code = code.replace(old, new)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if block.language == "python":
             exec(compile(code, block.name, "exec"), namespace)
         else:
             for argv in shell_commands(code):
                 run_shell_command(argv)
-        print(f"{block.name}: {time.perf_counter() - started:.1f} s")
+        print(f"{block.name}: {time.perf_counter() - started:.1f} s, {time.process_time() - cpu_started:.1f} s of CPU")

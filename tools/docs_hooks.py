@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_as_home_page(readme: str) -> str:
-    """README.md -> the site's index.md: links into `docs/` become site-relative."""
-    return re.sub(r"\]\(docs/", "](", readme)
+    """README.md -> the site's index.md: links into `docs/` become site-relative, and the page gives the table of
+    contents' column to the results table."""
+    return "---\nhide:\n  - toc\n---\n\n" + re.sub(r"\]\(docs/", "](", readme)
 
 
 def on_files(files, config):
@@ -81,13 +82,18 @@ def split_parameter_groups(text: str) -> str:
     """TRL's `Parameters:` sections hold what the Google-style parser reads as broken entries: `> heading` lines
     grouping the fields, and entries naming several parameters at once (`model, args, ...:` + one description).
     Each of those ends the section and becomes a paragraph of its own; the entries after it open a new section."""
-    out, header, quote, names = [], None, [], None
+    out, header, quote, names, closed = [], None, [], None, False
+
+    def paragraph(text: str, bold: bool) -> None:
+        nonlocal closed
+        if not closed and out and out[-1].strip() == f"{header[1]}:":
+            out.pop()  # the section opened with the paragraph: it reopens after
+        out.extend(["", f"{header[0]}**{text}**" if bold else f"{header[0]}{text}", ""])
+        closed = True
 
     def flush_quote():
         if quote:
-            text = " ".join(quote)
-            bold = len(quote) == 1 and not text.startswith("`")
-            out.extend(["", f"{header[0]}**{text}**" if bold else f"{header[0]}{text}", ""])
+            paragraph(" ".join(quote), bold=len(quote) == 1)
             quote.clear()
 
     for line in text.splitlines():
@@ -98,37 +104,61 @@ def split_parameter_groups(text: str) -> str:
             header = None  # back at the docstring's own indentation: the section ended
         match = SECTION.match(line)
         if match:
-            header, entry_indent = (match.group(1), match.group(2)), None
+            header, entry_indent, closed = (match.group(1), match.group(2)), None, False
             out.append(line)
             continue
         if header is None or header[1] not in ("Args", "Arguments", "Parameters", "Params"):
             out.append(line)
             continue
         entry_indent = entry_indent if entry_indent is not None else (indent if stripped else None)
-        if (stripped.startswith(">") and not stripped.startswith(">>>")) or (
-            names is None and indent == entry_indent and MULTI_NAME.match(stripped)
-        ):
-            if not quote and out and out[-1].strip() == f"{header[1]}:":
-                out.pop()  # the section opened with the quote: reopen it after
-            if stripped.startswith(">"):
-                quote.append(stripped.lstrip(">").strip())
-            else:
-                names = [stripped]
-            continue
         if names is not None:  # the names continue up to a colon, then the shared description follows
             if ":" not in " ".join(names) or (stripped and indent > entry_indent):
                 names.append(stripped)
                 continue
-            quote.append(_names_paragraph(names))
+            paragraph(_names_paragraph(names), bold=False)
             names = None
-        if stripped and quote:
-            flush_quote()
+        if stripped.startswith(">") and not stripped.startswith(">>>"):
+            quote.append(stripped.lstrip(">").strip())
+            continue
+        flush_quote()
+        if indent == entry_indent and MULTI_NAME.match(stripped):
+            names = [stripped]
+            continue
+        if stripped and closed:
             out.append(f"{header[0]}{header[1]}:")
+            closed = False
         out.append(line)
     if names is not None:
-        quote.append(_names_paragraph(names))
+        paragraph(_names_paragraph(names), bold=False)
     if header is not None:
         flush_quote()
+    return "\n".join(out)
+
+
+ENTRY = re.compile(r"^(\s*)([\w*]+) \((.+)\):(.*)$")
+
+
+def plain_annotation(annotation: str) -> str:
+    """TRL's `(`str` or `None`, *optional*, defaults to `None`)` -> `str or None`: the reference shows the default
+    from the signature, and the type without markup."""
+    annotation = re.split(r",\s*\*optional\*|,\s*defaults to", annotation)[0]
+    annotation = HF_REF.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), annotation)
+    return annotation.replace("`", "").replace("*", "").strip()
+
+
+def plain_entries(text: str) -> str:
+    out, section = [], None
+    for line in text.splitlines():
+        match = SECTION.match(line)
+        if match:
+            section = match.group(2)
+        elif line.strip() and not line.startswith((" ", "\t")):
+            section = None
+        entry = ENTRY.match(line)
+        if entry and section in ("Args", "Arguments", "Parameters", "Params"):
+            indent, name, annotation, rest = entry.groups()
+            line = f"{indent}{name} ({plain_annotation(annotation)}):{rest}"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -138,4 +168,4 @@ class TRLDocstrings(griffe.Extension):
             return
         module = obj.module.path if obj.is_module is False else obj.path
         text = re.sub(r"^(\s*)Example:\s*$", r"\1Examples:", obj.docstring.value, flags=re.M)
-        obj.docstring.value = convert_references(split_parameter_groups(text), module)
+        obj.docstring.value = convert_references(plain_entries(split_parameter_groups(text)), module)
