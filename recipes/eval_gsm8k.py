@@ -80,7 +80,10 @@ def main(script_args: EvalGSM8KArguments) -> dict:
 
     num_completions = len(dataset) * script_args.num_samples
     results = {
-        "title": f"GSM8K accuracy vs length ({num_completions} completions per checkpoint, T={script_args.temperature:g})",
+        "title": (
+            f"{script_args.task_name}: accuracy vs length "
+            f"({num_completions} completions per checkpoint, T={script_args.temperature:g})"
+        ),
         "args": asdict(script_args),
         "runs": runs,
     }

@@ -106,6 +106,7 @@ model_name_or_path: [{checkpoints / "a"}, {checkpoints / "b"}]
 labels: [start, final]
 dataset_name: {checkpoints / "data"}
 instruction: null
+task_name: tiny world
 num_problems: 5
 num_samples: 2
 max_new_tokens: 8
@@ -125,6 +126,7 @@ summary_file: {tmp_path / "results.json"}
     assert json.loads((tmp_path / "out" / "eval_gsm8k.json").read_text()) == results
     assert (tmp_path / "out" / "eval_gsm8k.png").is_file()
     assert [run["label"] for run in results["runs"]] == ["start", "final"]
+    assert results["title"].startswith("tiny world: accuracy vs length")  # the plot says which problems it shows
     for run in results["runs"]:
         assert run["num_problems"] == 5 and len(run["lengths"]) == len(run["correct"]) == 10
         assert run["budget_curve"]["budgets"] == [2, 4, 8]

@@ -89,6 +89,7 @@ class EvalGSM8KArguments:
         dataset_name (`str`): Hub id or local path of GSM8K-format data (question, answer).
         dataset_config (`str`): Hub configuration (main or socratic).
         dataset_split (`str`): Split of the evaluated problems.
+        task_name (`str`): What the problems are, for the plot's title ("demo world" for the demo's problems).
         num_problems (`int` or `None`): Evaluate the first N problems; `None` for all.
         system_prompt (`str` or `None`): Content of a leading system message.
         instruction (`str` or `None`): Text appended to each question (null for the demo world).
@@ -121,6 +122,7 @@ class EvalGSM8KArguments:
     )
     dataset_config: str = field(default="main", metadata={"help": "Hub configuration (main or socratic)."})
     dataset_split: str = field(default="test", metadata={"help": "Split of the evaluated problems."})
+    task_name: str = field(default="GSM8K", metadata={"help": "What the problems are, for the plot's title."})
     num_problems: int | None = field(default=None, metadata={"help": "Evaluate the first N problems (None: all)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Content of a leading system message."})
     instruction: str | None = field(
