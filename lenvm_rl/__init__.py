@@ -21,17 +21,15 @@ from .evaluation import (  # noqa: F401
     plot_length_prediction,
 )
 from .guidance import LengthGuidanceConfig, generate_with_length_guidance, guided_generate_completions  # noqa: F401
+from .length_metrics import length_deviation, length_score, token_budget_curve  # noqa: F401
 from .length_tokens import completion_td_residuals, count_length_tokens, length_tokens_html, top_length_tokens  # noqa: F401
 from .metrics import (  # noqa: F401
     PromptBoundaryMRE,
     constant_baseline_value,
     fit_prompt_length_regression,
-    length_deviation,
-    length_score,
     predict_prompt_length_regression,
     prompt_boundary_mre,
     relative_length_error_at_fractions,
-    token_budget_curve,
     value_mse,
 )
 from .modeling import (  # noqa: F401

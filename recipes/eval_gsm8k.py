@@ -8,7 +8,7 @@
 
 Each checkpoint (a causal LM directory or hub id, or a PEFT adapter directory, merged into its base for decoding)
 samples `num_samples` completions per problem ([`~lenvm_rl.evaluation.evaluate_gsm8k`]). Its hard token-budget curve
-cuts those completions at `B` tokens and counts a cut answer as wrong ([`~lenvm_rl.metrics.token_budget_curve`]).
+cuts those completions at `B` tokens and counts a cut answer as wrong ([`~lenvm_rl.length_metrics.token_budget_curve`]).
 Writes `eval_gsm8k.json` (one run per checkpoint: accuracy, mean / median / p90 / p99 tokens, fraction truncated,
 the budget curve and, with `save_completion_stats`, the per-completion lengths and correctness) and
 `eval_gsm8k.png` (accuracy versus mean tokens), the format of `recipes/eval_tradeoff.py`.
@@ -25,7 +25,7 @@ from trl import TrlParser
 from lenvm_rl.configs import EvalGSM8KArguments
 from lenvm_rl.evaluation import evaluate_gsm8k, format_tradeoff_table, load_eval_problems, write_tradeoff_results
 from lenvm_rl.io import write_json_atomic
-from lenvm_rl.metrics import token_budget_curve
+from lenvm_rl.length_metrics import token_budget_curve
 
 RESULTS_NAME = "eval_gsm8k"  # eval_gsm8k.json and eval_gsm8k.png
 

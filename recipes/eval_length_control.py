@@ -12,7 +12,7 @@ completion
   this is what length control would be without the LenVM; one run serves every target);
 - guided: `lenvm_rl.guidance` with the constraint's mode and target ``T``;
 
-scored with the LIFEBench Length Score and Length Deviation (`lenvm_rl.metrics.length_score`,
+scored with the LIFEBench Length Score and Length Deviation (`lenvm_rl.length_metrics.length_score`,
 `length_deviation`), the fraction of completions that satisfy the constraint (At Most: ``L <= T``; At Least:
 ``L >= T``; Equal To: ``|L - T| <= 10% of T``) and answer accuracy. The JSON keeps every run's lengths (for
 confidence intervals) and its first `num_examples` decoded completions. Writes `length_control.json` and
@@ -29,7 +29,7 @@ from trl import TrlParser
 from lenvm_rl.configs import EvalLengthControlArguments
 from lenvm_rl.evaluation import load_guided_eval, write_results
 from lenvm_rl.guidance import guided_generate_completions
-from lenvm_rl.metrics import length_deviation, length_score
+from lenvm_rl.length_metrics import length_deviation, length_score
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 RESULTS_NAME = "length_control"  # length_control.json and length_control.png

@@ -6,7 +6,7 @@
 
 Each held-out problem gets `num_samples` completions per tilt strength `beta` (``p'(x) ∝ p(x) exp(beta u(x))``,
 `lenvm_rl.guidance`; `beta = 0` is the untilted policy). The baseline cuts the `beta = 0` completions at a budget
-of `B` tokens and counts a cut answer as wrong (`lenvm_rl.metrics.token_budget_curve`). Each tilt point is compared
+of `B` tokens and counts a cut answer as wrong (`lenvm_rl.length_metrics.token_budget_curve`). Each tilt point is compared
 with the budget curve at the same mean number of tokens (linear interpolation; `matched_budget` is the budget `B`
 whose mean tokens equal the tilt point's). Each run keeps its per-completion `lengths` and `correct` flags (for
 confidence intervals) and its first `num_examples` decoded completions. Writes `tradeoff.json` and
@@ -24,7 +24,7 @@ from trl import TrlParser
 from lenvm_rl.configs import EvalTradeoffArguments
 from lenvm_rl.evaluation import accuracy_length_stats, load_guided_eval, write_tradeoff_results
 from lenvm_rl.guidance import guided_generate_completions
-from lenvm_rl.metrics import token_budget_curve
+from lenvm_rl.length_metrics import token_budget_curve
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png

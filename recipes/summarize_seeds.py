@@ -18,7 +18,7 @@ quantity of a problem resampled together (so guided and unguided, LenVM and base
   regression, and the relative error of the predicted remaining length at 25 / 50 / 75% of each completion (the
   seeds' mean and range: the evaluation keeps no per-completion errors).
 - Length control: per constraint and target, the Length Score of the guided and unguided completions (recomputed per
-  completion from the stored lengths with `lenvm_rl.metrics.length_score`), the guided mean length and accuracy, and
+  completion from the stored lengths with `lenvm_rl.length_metrics.length_score`), the guided mean length and accuracy, and
   the mean Length Score over the targets.
 - Tradeoff: per tilt strength beta, accuracy and mean tokens; the token-budget accuracy at the same mean tokens is a
   property of each seed's whole beta = 0 sample, so it is given as the seeds' mean and range.
@@ -36,7 +36,7 @@ from trl import TrlParser
 from lenvm_rl.ablation_stats import format_interval, hierarchical_bootstrap, interval, per_problem_means
 from lenvm_rl.configs import SeedSummaryArguments
 from lenvm_rl.io import write_json_atomic, write_text_atomic
-from lenvm_rl.metrics import length_score
+from lenvm_rl.length_metrics import length_score
 
 RESULTS_NAME = "inference_seeds"
 # Arguments that may differ between the seeds' runs of one evaluation.

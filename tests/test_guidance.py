@@ -18,6 +18,7 @@ from lenvm_rl.guidance import (
     score_candidates_by_reencoding,
 )
 from lenvm_rl.kv_cache import keep_chosen_candidates, prefill
+from lenvm_rl.length_metrics import length_deviation, length_score, token_budget_curve
 from lenvm_rl.length_tokens import (
     completion_td_residuals,
     count_length_tokens,
@@ -25,7 +26,6 @@ from lenvm_rl.length_tokens import (
     length_tokens_html,
     top_length_tokens,
 )
-from lenvm_rl.metrics import length_deviation, length_score, token_budget_curve
 from lenvm_rl.modeling import LengthValueModel, position_ids_from_mask
 from lenvm_rl.transformers_compat import cache_kwargs
 

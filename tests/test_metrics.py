@@ -172,7 +172,7 @@ def test_baselines_when_prompt_length_determines_length():
 
 # ---------------------------------------------------------------- length_variance_explained
 def test_length_variance_explained_by_hand():
-    from lenvm_rl.metrics import length_variance_explained
+    from lenvm_rl.length_metrics import length_variance_explained
 
     # Prompt means 10 and 30 with no noise: all variance is between prompts.
     assert length_variance_explained([[10, 10, 10], [30, 30, 30]]) == 1.0
@@ -184,7 +184,7 @@ def test_length_variance_explained_by_hand():
 
 
 def test_length_variance_explained_invariances():
-    from lenvm_rl.metrics import length_variance_explained
+    from lenvm_rl.length_metrics import length_variance_explained
 
     g = torch.Generator().manual_seed(0)
     prompt_means = torch.randint(20, 200, (30, 1), generator=g)  # (P, 1)
@@ -199,7 +199,7 @@ def test_length_variance_explained_invariances():
 
 
 def test_length_variance_explained_edge_cases():
-    from lenvm_rl.metrics import length_variance_explained
+    from lenvm_rl.length_metrics import length_variance_explained
 
     assert math.isnan(length_variance_explained([[5], [7]]))  # no prompt with two completions
     assert length_variance_explained([[5, 5], [5, 5]]) == 0.0  # no variance at all

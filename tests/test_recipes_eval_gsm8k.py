@@ -12,7 +12,7 @@ from trl import TrlParser
 
 from lenvm_rl.evaluation import accuracy_length_stats, evaluate_gsm8k, write_tradeoff_results
 from lenvm_rl.generation import generate_completions
-from lenvm_rl.metrics import token_budget_curve
+from lenvm_rl.length_metrics import token_budget_curve
 from lenvm_rl.rewards import extract_gsm8k_answer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import make_rollout_records, make_tiny_causal_lm, write_guided_eval_world
 
-from lenvm_rl.metrics import length_score
+from lenvm_rl.length_metrics import length_score
 from lenvm_rl.modeling import LengthValueModel
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))

@@ -18,7 +18,7 @@ Build and measure from the command line (`__main__.py`):
     python -m lenvm_rl.demo measure --world_dir outputs/demo/world --output_dir outputs/demo
 """
 
-from ..metrics import length_variance_explained
+from ..length_metrics import length_variance_explained
 from .measure import measure_demo_policy
 from .problems import (
     DEMO_INSTRUCTION,

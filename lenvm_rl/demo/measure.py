@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from ..generation import GeneratedCompletion, generate_completions
 from ..io import write_json_atomic
-from ..metrics import length_variance_explained
+from ..length_metrics import length_variance_explained
 from ..rewards import extract_gsm8k_answer
 from .problems import DemoProblem, demo_prompt, write_demo_solution
 from .shipped import check_demo_measurement, file_sha256, format_demo_check

@@ -2,7 +2,7 @@
 
 [`evaluate_gsm8k`] samples a policy on the problems and returns its accuracy, its length distribution
 ([`accuracy_length_stats`]) and the per-completion lengths and correctness, from which
-[`~lenvm_rl.metrics.token_budget_curve`] computes the hard token-budget baseline (each completion cut at ``B``
+[`~lenvm_rl.length_metrics.token_budget_curve`] computes the hard token-budget baseline (each completion cut at ``B``
 tokens, a cut answer counted wrong). [`write_tradeoff_results`] writes the JSON + PNG format shared by
 ``recipes/eval_gsm8k.py`` and ``recipes/eval_tradeoff.py`` (one run per checkpoint or tilt strength, each with an
 optional budget curve); [`plot_tradeoff`] and [`format_tradeoff_table`] render it.
@@ -113,7 +113,7 @@ def evaluate_gsm8k(
     Completions come from [`~lenvm_rl.generation.generate_completions`] (continuous batching, one seeded generator);
     a completion is correct when [`~lenvm_rl.rewards.gsm8k_accuracy_reward`] gives it 1, the training reward, so a
     completion cut at `max_new_tokens` after writing the right final answer counts as correct (a hard token budget,
-    [`~lenvm_rl.metrics.token_budget_curve`], counts it wrong at any budget below its length).
+    [`~lenvm_rl.length_metrics.token_budget_curve`], counts it wrong at any budget below its length).
 
     Args:
         model ([`~transformers.PreTrainedModel`]):
@@ -144,7 +144,7 @@ def evaluate_gsm8k(
     Returns:
         `dict`: the keys of [`accuracy_length_stats`] (lengths in tokens, EOS included), ``num_problems``,
         ``num_samples`` and the per-completion lists ``lengths`` and ``correct`` (ordered by problem, then sample),
-        from which [`~lenvm_rl.metrics.token_budget_curve`] computes the hard token-budget baseline.
+        from which [`~lenvm_rl.length_metrics.token_budget_curve`] computes the hard token-budget baseline.
 
     Example:
         >>> from transformers import AutoModelForCausalLM, AutoTokenizer  # doctest: +SKIP
@@ -179,7 +179,7 @@ def write_tradeoff_results(results: dict, output_dir: str | os.PathLike, name: s
 
     The format shared by ``recipes/eval_gsm8k.py`` and ``recipes/eval_tradeoff.py``: a dictionary with a ``runs``
     list, each run a dictionary with at least ``label``, ``accuracy`` and ``mean_tokens``, optionally
-    ``budget_curve`` (``token_budget_curve(...).to_dict()``, [`~lenvm_rl.metrics.token_budget_curve`]) and
+    ``budget_curve`` (``token_budget_curve(...).to_dict()``, [`~lenvm_rl.length_metrics.token_budget_curve`]) and
     ``series`` (runs of one series are joined by a line); a ``title`` and any other JSON-ready keys (the recipe's
     arguments, ...). The JSON is written atomically ([`~lenvm_rl.evaluation.results.write_results`]).
 

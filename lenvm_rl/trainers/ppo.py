@@ -8,7 +8,6 @@ fixes that trainer's known defects, and splits one PPO update into overridable s
 
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -22,15 +21,12 @@ from transformers import (
     Trainer,
 )
 from transformers.trainer_utils import set_seed
-from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import (
     entropy_from_logits,
-    pad,
     selective_log_softmax,
 )
 
 from ..core import compute_gae
-from ..modeling import position_ids_from_mask
 from ..rl_math import (
     check_finite,
     clipped_policy_loss,
@@ -38,29 +34,21 @@ from ..rl_math import (
     kl_estimates,
     masked_mean,
     masked_whiten,
-    truncate_after_stop_token,
-    truncated_importance_weights,
 )
 from .checkpointing import CompleteCheckpointsMixin
 from .ppo_config import PPOConfig, resolve_stop_token_id
-from .ppo_models import (
-    VALUE_MODEL_DIR,
-    PolicyAndValueWrapper,
-    prepare_ppo_models,
-    save_policy_and_critic,
-    tied_parameter_names,
-)
-from .ppo_rollouts import decode_completions, epoch_permutation_rows, tokenize_prompt_rows
+from .ppo_models import PolicyAndValueWrapper, PPOModelsMixin, prepare_ppo_models
+from .ppo_rollouts import PPORolloutMixin
 from .reward_funcs import RewardFunc, call_reward_funcs, load_reward_funcs, reward_func_names, warn_constant_scores
 from .trl_compat import TRLPPOCompatMixin
-from .vllm_rollouts import make_ppo_vllm_generation, pad_vllm_completions
+from .vllm_rollouts import make_ppo_vllm_generation, sampler_logprob_stats, vllm_metrics
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValueWrapper"]  # PPOConfig lives in ppo_config.py
 
 
-class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
+class PPOTrainer(PPORolloutMixin, PPOModelsMixin, TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
     r"""
     PPO with a learned task critic for causal LMs (Schulman et al. 2017; Ziegler et al. 2019), built on
     `transformers.Trainer` (checkpointing, `report_to`, callbacks, mixed precision, DeepSpeed) and TRL's utilities.
@@ -118,38 +106,9 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             trainer_state=..., **dataset_columns) -> list[float | None]` (`None` skips the function for a row), or
             sequence classifiers / their paths. Logged as `rewards/<name>/mean` and `/std`.
 
-    Differences from TRL 1.12:
-
-    - **Defects fixed.** The score lands on the last real token (the stop token), not the slot after it.
-      `missing_eos_penalty` and `val/num_eos_tokens` use the configured stop token; masks come from the stop token's
-      position, so `pad_token_id == eos_token_id` works. `bf16`/`fp16` and `gradient_checkpointing` from the config
-      apply (the Trainer's accelerator). Advantage (and reward) whitening uses statistics all-reduced over processes
-      and is safe on masks of 0 or 1 tokens. Checkpoints hold the policy, the critic (`value_model/`), optimizer,
-      scheduler and RNG states, and `train(resume_from_checkpoint=...)` continues the run exactly. Reference
-      log-probabilities of a LoRA policy and saving go through `accelerator.unwrap_model` (DDP-safe).
-    - **Rewards.** Reward functions with GRPO's signature and any dataset column, several rewards combined with
-      `reward_weights` (a reward model is the first entry), per-reward metrics `rewards/<name>/mean|std`.
-    - **Data.** Prompts are rendered with the chat template and tokenised per batch; extra columns are allowed. Each
-      update takes the next `batch_size` prompts of a seeded per-epoch permutation (no rows dropped at epoch ends).
-    - **Truncated rows.** A response cut at `response_length` without a stop token is not treated as finished: its
-      score (minus `missing_eos_penalty`) still lands on its last token, and GAE bootstraps from the critic's value of
-      the state after the cut (`terminated=False` in [`~lenvm_rl.core.compute_gae`]).
-    - **Stop token.** With neither `stop_token` nor `stop_token_id`, EOS is the stop token (TRL 1.12 stopped
-      generation at EOS but then did not truncate nor check it). Generation stops at the stop token.
-    - **Mini-batches.** Each mini-batch is `gradient_accumulation_steps / num_mini_batches` micro-batches and ends
-      with one optimizer step (TRL 1.12 stepped every `gradient_accumulation_steps` micro-batches whatever the
-      mini-batch boundaries); `max_grad_norm` clips the gradients (TRL 1.12 ignored it).
-    - **Metrics.** Token-level statistics (`policy/*`, `val/ratio`) are masked means over real tokens; `logging_steps`
-      (default 1) selects the updates that log.
-    - **Critic.** `value_model` may be omitted (built from the policy). Checkpoints save it under `value_model/`.
-    - **Config defaults.** `bf16` defaults to `False` and `activation_checkpointing` (`gradient_checkpointing`) to
-      off, `logging_steps` to 1 (TRL 1.12: `bf16=True` unless `fp16`, checkpointing on, 10, all ignored by its
-      trainer, which logged every update): here they take effect, so they are opt-in. The batch sizes set on `args`
-      (`batch_size`, `local_batch_size`, ...) are not settable fields.
-    - **TRL surface** ([`~lenvm_rl.trainers.trl_compat.TRLPPOCompatMixin`]). `generate_completions` decodes greedily
-      (TRL 1.12 sampled at temperature 0.01) and scores like training (all rewards, `missing_eos_penalty`);
-      `save_model` also writes the model card `README.md`; `eval_strategy` runs no evaluation (nor did TRL 1.12);
-      `state.episode` is not stored in `trainer_state.json` (it is `global_step * batch_size`).
+    Deliberate differences from TRL 1.12's trainer (defects fixed, rewards, data, truncated rows, the stop token,
+    mini-batches, metrics, the critic, config defaults, the TRL surface) are listed in ``docs/trl_compatibility.md``
+    (the documentation site's "TRL compatibility" page).
     """
 
     _tag_names = ["trl", "ppo", "lenvm-rl"]
@@ -312,118 +271,7 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
         self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
         return self._finalize_training(trial, self.state.global_step * self.batch_size, start_time)
 
-    def _prepare_frozen_models(self):
-        """Place the reference and reward models (subclasses add theirs, e.g. the LenVM)."""
-        if self.ref_model is not None:
-            self.ref_model = self._place_frozen_model(self.ref_model)
-        self.reward_funcs = [
-            self._place_frozen_model(func) if isinstance(func, nn.Module) else func for func in self.reward_funcs
-        ]
-
-    def _place_frozen_model(self, model: nn.Module) -> nn.Module:
-        """A frozen model on this process's device; under DeepSpeed, an inference engine (sharded with ZeRO-3).
-
-        Called after the policy's `accelerator.prepare`, which fills the DeepSpeed config's "auto" values.
-        """
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(model, self.accelerator)
-        return model.to(self.accelerator.device)
-
-    def get_rollout_inputs(self, update: int) -> list[dict[str, Any]]:
-        """This process's dataset rows for `update`: a slice of a seeded per-epoch permutation of the dataset.
-
-        A pure function of `update` (and the seed), so resuming needs no data-loader state and uses no global RNG.
-        """
-        start = update * self.batch_size + self.accelerator.process_index * self.local_batch_size
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return epoch_permutation_rows(self.train_dataset, start, self.local_batch_size, seed)
-
-    # ------------------------------------------------------------------ 1. rollout
-
-    def generate_rollouts(
-        self, inputs: list[dict[str, Any]], generation_config: GenerationConfig | None = None
-    ) -> dict[str, Any]:
-        """Sample one response per prompt and cut it after its first stop token.
-
-        Args:
-            inputs (`list[dict]`): this process's dataset rows.
-            generation_config ([`~transformers.GenerationConfig`], *optional*): replaces the sampling configuration
-                (the greedy one of [`~PPOTrainer.generate_completions`]).
-
-        Returns:
-            `dict`: the rollout batch: `prompts` (raw), `columns` (every dataset column but `prompt`, as lists),
-            `queries` `(B, C)` left-padded, `context_length` (`C`), `responses` `(B, T)`, `query_responses`
-            `(B, C + T)`, `attention_mask` `(B, C + T)`, `response_mask` `(B, T)`, `sequence_lengths` `(B,)`,
-            `terminated` `(B,)`, `completions` (text, or assistant messages for conversational prompts) and
-            `completion_ids` (lists of ids, stop token included), the last two in reward-function format; with vLLM,
-            `sampler_logprobs` `(B, T)`, the engine's log-probabilities of the sampled tokens.
-        """
-        device = self.accelerator.device
-        prompts, prompt_ids = tokenize_prompt_rows(inputs, self.processing_class)
-        queries = pad([torch.tensor(ids) for ids in prompt_ids], self.pad_token_id, "left").to(device)  # (B, C)
-        query_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], 0, "left").to(device)
-        context_length = queries.shape[1]
-
-        if self.vllm_generation is not None and generation_config is None:
-            responses, sampler_logprobs = self.sample_with_vllm(prompt_ids)  # (B, T), (B, T)
-        else:
-            responses, sampler_logprobs = self._generate_with_policy(queries, query_mask, generation_config), None
-        responses, response_mask, sequence_lengths, terminated = truncate_after_stop_token(
-            responses.to(device), self.stop_token_id, self.pad_token_id
-        )
-
-        completion_ids = [row[mask].tolist() for row, mask in zip(responses, response_mask)]
-        completions = decode_completions(completion_ids, prompts, self.processing_class)
-        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
-        extra = {} if sampler_logprobs is None else {"sampler_logprobs": sampler_logprobs.to(device)}
-        return {
-            "prompts": prompts,
-            "columns": columns,
-            "queries": queries,
-            "context_length": context_length,
-            "responses": responses,
-            "query_responses": torch.cat([queries, responses], dim=1),
-            "attention_mask": torch.cat([query_mask, response_mask.long()], dim=1),
-            "response_mask": response_mask,
-            "sequence_lengths": sequence_lengths,
-            "terminated": terminated,
-            "completions": completions,
-            "completion_ids": completion_ids,
-            **extra,
-        }
-
-    def sample_with_vllm(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample one response per prompt on the vLLM engine, after giving it the policy's current weights if an
-        optimizer step happened since the last sync: `responses` and the engine's `sampler_logprobs`, `(B, T)`."""
-        if self._vllm_synced_step != self.state.global_step:
-            self.vllm_generation.sync_weights()
-            self._vllm_synced_step = self.state.global_step
-        _, completion_ids, logprobs, _ = self.vllm_generation.generate(
-            prompts=prompt_ids, images=None, num_generations=1
-        )
-        return pad_vllm_completions(completion_ids, logprobs, self.args.response_length, self.pad_token_id)
-
-    def _generate_with_policy(self, queries, query_mask, generation_config: GenerationConfig | None) -> torch.Tensor:
-        """`model.generate` on the training policy, in chunks: responses `(B, T)`, padded after their end."""
-        context_length, T = queries.shape[1], self.args.response_length
-        chunk = self.args.local_rollout_forward_batch_size
-        responses = []
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-            ) as unwrapped,
-            self.accelerator.autocast(),
-        ):
-            unwrapped.eval()
-            for i in range(0, len(queries), chunk):
-                output = unwrapped.policy.generate(
-                    input_ids=queries[i : i + chunk],
-                    attention_mask=query_mask[i : i + chunk],
-                    generation_config=generation_config or self.generation_config,
-                )
-                generated = output[:, context_length:]
-                responses.append(nn.functional.pad(generated, (0, T - generated.shape[1]), value=self.pad_token_id))
-        return torch.cat(responses)
+    # ------------------------------------------------------------------ 1. rollout: PPORolloutMixin (ppo_rollouts.py)
 
     # ------------------------------------------------------------------ 2. score
 
@@ -454,35 +302,6 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
         return {"rewards_per_func": rewards_per_func, "scores": scores}
 
     # ------------------------------------------------------------------ 3. values
-
-    def _forward(self, model: nn.Module, query_responses, attention_mask, context_length: int):
-        """Tempered policy logits of the response tokens `(B, T, V)` and critic values `(B, T + 1)`."""
-        T = query_responses.shape[1] - context_length
-        logits, values = model(
-            input_ids=query_responses,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            logits_to_keep=T + 1,
-        )
-        # Position C - 1 + t predicts response token t and holds V(s_t); the last position is the state after T.
-        return logits[:, :-1].float() / self.args.temperature, values[:, context_length - 1 :].float()
-
-    def _ref_logits(self, query_responses, attention_mask, context_length: int) -> torch.Tensor:
-        T = query_responses.shape[1] - context_length
-        kwargs = dict(
-            input_ids=query_responses,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            logits_to_keep=T + 1,
-            use_cache=False,
-        )
-        with self.accelerator.autocast():
-            if self.ref_model is not None:
-                logits = self.ref_model(**kwargs).logits
-            else:
-                with self.null_ref_context():
-                    logits = self.policy_model(**kwargs).logits
-        return logits[:, :-1].float() / self.args.temperature
 
     def compute_values(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Log-probabilities of the sampled tokens under the policy and the reference, and the critic's values.
@@ -515,19 +334,9 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
         return result
 
     def compare_sampler_logprobs(self, sampler_logprobs, logprobs, mask) -> dict[str, torch.Tensor]:
-        """The engine/trainer gap on the sampled tokens, `|log pi_old - log pi_vllm|` `(B, T)` (0 on padding), and,
-        with `vllm_importance_sampling_correction`, the tokens' truncated importance weights `(B, T)`."""
+        """[`~lenvm_rl.trainers.vllm_rollouts.sampler_logprob_stats`] of finite engine log-probabilities."""
         sampler_logprobs = self.check_finite(sampler_logprobs, "vLLM log-probabilities", mask)
-        result = {"sampler_logprob_diff": (logprobs - sampler_logprobs).abs().masked_fill(~mask, 0.0)}
-        if self.args.vllm_importance_sampling_correction:
-            result["importance_weights"] = truncated_importance_weights(
-                logprobs,
-                sampler_logprobs,
-                mask,
-                self.args.vllm_importance_sampling_clip_max,
-                self.args.vllm_importance_sampling_mode,
-            )
-        return result
+        return sampler_logprob_stats(sampler_logprobs, logprobs, mask, self.args)
 
     # ------------------------------------------------------------------ 4. rewards
 
@@ -678,13 +487,7 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             "lr": stats["lr"].item(),
             "episode": episode,
         }
-        if "sampler_logprob_diff" in batch:
-            diff = gather(batch["sampler_logprob_diff"])  # (B * processes, T), 0 on padding
-            real = gather(mask)
-            metrics["vllm/logprob_diff_mean"] = diff[real].mean().item() if real.any() else 0.0
-            metrics["vllm/logprob_diff_max"] = diff.max().item()
-            if "importance_weights" in batch:
-                metrics["vllm/importance_weight_mean"] = gather(batch["importance_weights"])[real].mean().item()
+        metrics.update(vllm_metrics(batch, gather))
         rewards_per_func = gather(batch["rewards_per_func"])  # (B * processes, F)
         for i, name in enumerate(self.reward_func_names):
             column = rewards_per_func[:, i]
@@ -692,29 +495,3 @@ class PPOTrainer(TRLPPOCompatMixin, CompleteCheckpointsMixin, Trainer):
             metrics[f"rewards/{name}/mean"] = column.mean().item() if column.numel() else math.nan
             metrics[f"rewards/{name}/std"] = column.std().item() if column.numel() > 1 else 0.0
         return metrics
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`, staged
-        and renamed into place ([`~lenvm_rl.trainers.ppo_models.save_policy_and_critic`])."""
-        if self.args.should_save:
-            wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            save_policy_and_critic(wrapper, state_dict, output_dir, self.processing_class, self.args)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
-        super()._load_from_checkpoint(resume_from_checkpoint, model=wrapper.policy)
-        super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, VALUE_MODEL_DIR), model=wrapper.value_model)
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        # Tied weights (an LM head sharing the embedding matrix) are saved once: their absence is expected.
-        wrapper = self.accelerator.unwrap_model(self.model)
-        missing = sorted(set(load_result.missing_keys) - tied_parameter_names(wrapper.policy, wrapper.value_model))
-        if missing:
-            logger.warning("There were missing keys in the checkpoint model loaded: %s.", missing)
-        if load_result.unexpected_keys:
-            logger.warning(
-                "There were unexpected keys in the checkpoint model loaded: %s.", load_result.unexpected_keys
-            )

@@ -1,8 +1,10 @@
 """The models of a PPO run: setting them up from `PPOTrainer`'s arguments (policy, frozen reference, critic, PEFT),
 the policy + critic wrapper that one optimizer trains, the per-position scalar head read of critics and reward models
-(TRL's sequence-classifier layout), and saving them in TRL's layout (policy at the top, critic in `value_model/`)."""
+(TRL's sequence-classifier layout), the trainer's forwards through them, placing the frozen ones, and saving and
+loading them in TRL's layout (policy at the top, critic in `value_model/`)."""
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -13,16 +15,20 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.integrations import is_deepspeed_zero3_enabled
+from trl.models.utils import prepare_deepspeed
 
 from ..io import move_files_into
-from ..modeling import freeze_model
+from ..modeling import freeze_model, position_ids_from_mask
 from ..transformers_compat import (
     activation_checkpointing_disable,
     activation_checkpointing_enable,
     is_activation_checkpointing,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "PPOModelsMixin",
     "prepare_ppo_models",
     "save_policy_and_critic",
     "tied_parameter_names",
@@ -220,3 +226,78 @@ def tied_parameter_names(*modules: nn.Module) -> set[str]:
             names_by_storage[tensor.data_ptr()].append(name)
         tied.update(name for names in names_by_storage.values() if len(names) > 1 for name in names)
     return tied
+
+
+class PPOModelsMixin:
+    """[`~lenvm_rl.PPOTrainer`]'s use of its models: placing the frozen ones, the policy / critic / reference forwards
+    of steps 3 and 6, and saving and loading a checkpoint (the policy at the top, the critic in `value_model/`)."""
+
+    def _prepare_frozen_models(self):
+        """Place the reference and reward models (subclasses add theirs, e.g. the LenVM)."""
+        if self.ref_model is not None:
+            self.ref_model = self._place_frozen_model(self.ref_model)
+        self.reward_funcs = [
+            self._place_frozen_model(func) if isinstance(func, nn.Module) else func for func in self.reward_funcs
+        ]
+
+    def _place_frozen_model(self, model: nn.Module) -> nn.Module:
+        """A frozen model on this process's device; under DeepSpeed, an inference engine (sharded with ZeRO-3).
+
+        Called after the policy's `accelerator.prepare`, which fills the DeepSpeed config's "auto" values.
+        """
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(model, self.accelerator)
+        return model.to(self.accelerator.device)
+
+    def _forward(self, model: nn.Module, query_responses, attention_mask, context_length: int):
+        """Tempered policy logits of the response tokens `(B, T, V)` and critic values `(B, T + 1)`."""
+        T = query_responses.shape[1] - context_length
+        logits, values = model(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=T + 1,
+        )
+        # Position C - 1 + t predicts response token t and holds V(s_t); the last position is the state after T.
+        return logits[:, :-1].float() / self.args.temperature, values[:, context_length - 1 :].float()
+
+    def _ref_logits(self, query_responses, attention_mask, context_length: int) -> torch.Tensor:
+        T = query_responses.shape[1] - context_length
+        kwargs = dict(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=T + 1,
+            use_cache=False,
+        )
+        with self.accelerator.autocast():
+            if self.ref_model is not None:
+                logits = self.ref_model(**kwargs).logits
+            else:
+                with self.null_ref_context():
+                    logits = self.policy_model(**kwargs).logits
+        return logits[:, :-1].float() / self.args.temperature
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The policy at the top of `output_dir` (a loadable model or adapter), the critic in `value_model/`, staged
+        and renamed into place ([`~lenvm_rl.trainers.ppo_models.save_policy_and_critic`])."""
+        if self.args.should_save:
+            wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            save_policy_and_critic(wrapper, state_dict, output_dir, self.processing_class, self.args)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model=wrapper.policy)
+        super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, VALUE_MODEL_DIR), model=wrapper.value_model)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # Tied weights (an LM head sharing the embedding matrix) are saved once: their absence is expected.
+        wrapper = self.accelerator.unwrap_model(self.model)
+        missing = sorted(set(load_result.missing_keys) - tied_parameter_names(wrapper.policy, wrapper.value_model))
+        if missing:
+            logger.warning("There were missing keys in the checkpoint model loaded: %s.", missing)
+        if load_result.unexpected_keys:
+            logger.warning(
+                "There were unexpected keys in the checkpoint model loaded: %s.", load_result.unexpected_keys
+            )

@@ -1,11 +1,20 @@
-"""Dataset rows to prompts and completions back to reward-function inputs: the plumbing around PPO's rollout step."""
+"""PPO's rollout step (step 1 of an update): which dataset rows an update takes, sampling one response per prompt
+(the training policy's `generate`, or a vLLM engine), cutting it after its stop token, and turning completions back
+into reward-function inputs."""
 
 from typing import Any
 
 import torch
+import torch.nn as nn
+from transformers import GenerationConfig
 from trl.data_utils import is_conversational, maybe_apply_chat_template
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
-__all__ = ["decode_completions", "epoch_permutation_rows", "tokenize_prompt_rows"]
+from ..rl_math import truncate_after_stop_token
+from .vllm_rollouts import pad_vllm_completions
+
+__all__ = ["PPORolloutMixin", "decode_completions", "epoch_permutation_rows", "tokenize_prompt_rows"]
 
 
 class _Permutations:
@@ -56,3 +65,102 @@ def decode_completions(completion_ids: list[list[int]], prompts: list, tokenizer
     if is_conversational({"prompt": prompts[0]}):
         return [[{"role": "assistant", "content": text}] for text in texts]
     return texts
+
+
+class PPORolloutMixin:
+    """Step 1 of [`~lenvm_rl.PPOTrainer`]'s update: the rollout. Uses the trainer's `accelerator`, `args`,
+    `processing_class`, `stop_token_id`, `pad_token_id`, `generation_config` and `vllm_generation`."""
+
+    def get_rollout_inputs(self, update: int) -> list[dict[str, Any]]:
+        """This process's dataset rows for `update`: a slice of a seeded per-epoch permutation of the dataset.
+
+        A pure function of `update` (and the seed), so resuming needs no data-loader state and uses no global RNG.
+        """
+        start = update * self.batch_size + self.accelerator.process_index * self.local_batch_size
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return epoch_permutation_rows(self.train_dataset, start, self.local_batch_size, seed)
+
+    def generate_rollouts(
+        self, inputs: list[dict[str, Any]], generation_config: GenerationConfig | None = None
+    ) -> dict[str, Any]:
+        """Sample one response per prompt and cut it after its first stop token.
+
+        Args:
+            inputs (`list[dict]`): this process's dataset rows.
+            generation_config ([`~transformers.GenerationConfig`], *optional*): replaces the sampling configuration
+                (the greedy one of [`~PPOTrainer.generate_completions`]).
+
+        Returns:
+            `dict`: the rollout batch: `prompts` (raw), `columns` (every dataset column but `prompt`, as lists),
+            `queries` `(B, C)` left-padded, `context_length` (`C`), `responses` `(B, T)`, `query_responses`
+            `(B, C + T)`, `attention_mask` `(B, C + T)`, `response_mask` `(B, T)`, `sequence_lengths` `(B,)`,
+            `terminated` `(B,)`, `completions` (text, or assistant messages for conversational prompts) and
+            `completion_ids` (lists of ids, stop token included), the last two in reward-function format; with vLLM,
+            `sampler_logprobs` `(B, T)`, the engine's log-probabilities of the sampled tokens.
+        """
+        device = self.accelerator.device
+        prompts, prompt_ids = tokenize_prompt_rows(inputs, self.processing_class)
+        queries = pad([torch.tensor(ids) for ids in prompt_ids], self.pad_token_id, "left").to(device)  # (B, C)
+        query_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], 0, "left").to(device)
+        context_length = queries.shape[1]
+
+        if self.vllm_generation is not None and generation_config is None:
+            responses, sampler_logprobs = self.sample_with_vllm(prompt_ids)  # (B, T), (B, T)
+        else:
+            responses, sampler_logprobs = self._generate_with_policy(queries, query_mask, generation_config), None
+        responses, response_mask, sequence_lengths, terminated = truncate_after_stop_token(
+            responses.to(device), self.stop_token_id, self.pad_token_id
+        )
+
+        completion_ids = [row[mask].tolist() for row, mask in zip(responses, response_mask)]
+        completions = decode_completions(completion_ids, prompts, self.processing_class)
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
+        extra = {} if sampler_logprobs is None else {"sampler_logprobs": sampler_logprobs.to(device)}
+        return {
+            "prompts": prompts,
+            "columns": columns,
+            "queries": queries,
+            "context_length": context_length,
+            "responses": responses,
+            "query_responses": torch.cat([queries, responses], dim=1),
+            "attention_mask": torch.cat([query_mask, response_mask.long()], dim=1),
+            "response_mask": response_mask,
+            "sequence_lengths": sequence_lengths,
+            "terminated": terminated,
+            "completions": completions,
+            "completion_ids": completion_ids,
+            **extra,
+        }
+
+    def sample_with_vllm(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt on the vLLM engine, after giving it the policy's current weights if an
+        optimizer step happened since the last sync: `responses` and the engine's `sampler_logprobs`, `(B, T)`."""
+        if self._vllm_synced_step != self.state.global_step:
+            self.vllm_generation.sync_weights()
+            self._vllm_synced_step = self.state.global_step
+        _, completion_ids, logprobs, _ = self.vllm_generation.generate(
+            prompts=prompt_ids, images=None, num_generations=1
+        )
+        return pad_vllm_completions(completion_ids, logprobs, self.args.response_length, self.pad_token_id)
+
+    def _generate_with_policy(self, queries, query_mask, generation_config: GenerationConfig | None) -> torch.Tensor:
+        """`model.generate` on the training policy, in chunks: responses `(B, T)`, padded after their end."""
+        context_length, T = queries.shape[1], self.args.response_length
+        chunk = self.args.local_rollout_forward_batch_size
+        responses = []
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as unwrapped,
+            self.accelerator.autocast(),
+        ):
+            unwrapped.eval()
+            for i in range(0, len(queries), chunk):
+                output = unwrapped.policy.generate(
+                    input_ids=queries[i : i + chunk],
+                    attention_mask=query_mask[i : i + chunk],
+                    generation_config=generation_config or self.generation_config,
+                )
+                generated = output[:, context_length:]
+                responses.append(nn.functional.pad(generated, (0, T - generated.shape[1]), value=self.pad_token_id))
+        return torch.cat(responses)

@@ -1,14 +1,15 @@
-"""PPO's rollouts on a vLLM engine: building TRL's generation backend from a `PPOConfig`, and turning what it
-returns into PPO's padded `(B, T)` tensors."""
+"""PPO's rollouts on a vLLM engine: building TRL's generation backend from a `PPOConfig`, turning what it returns
+into PPO's padded `(B, T)` tensors, and measuring how far the engine's log-probabilities are from the trainer's."""
 
 import math
 
 import torch
 from torch import nn
 
+from ..rl_math import truncated_importance_weights
 from ..vllm_engine import LenVMVLLMGeneration, torch_dtype_name
 
-__all__ = ["make_ppo_vllm_generation", "pad_vllm_completions"]
+__all__ = ["make_ppo_vllm_generation", "pad_vllm_completions", "sampler_logprob_stats", "vllm_metrics"]
 
 
 def make_ppo_vllm_generation(trainer, policy: nn.Module) -> LenVMVLLMGeneration:
@@ -79,3 +80,34 @@ def pad_vllm_completions(
             [math.nan if top[0] is None else top[0] for top in token_logprobs], dtype=torch.float32
         )
     return responses, sampler_logprobs
+
+
+def sampler_logprob_stats(sampler_logprobs, logprobs, mask, args) -> dict[str, torch.Tensor]:
+    """The engine/trainer gap on the sampled tokens, `|log pi_old - log pi_vllm|` `(B, T)` (0 on padding), and, with
+    `args.vllm_importance_sampling_correction`, the tokens' truncated importance weights `(B, T)`."""
+    result = {"sampler_logprob_diff": (logprobs - sampler_logprobs).abs().masked_fill(~mask, 0.0)}
+    if args.vllm_importance_sampling_correction:
+        result["importance_weights"] = truncated_importance_weights(
+            logprobs,
+            sampler_logprobs,
+            mask,
+            args.vllm_importance_sampling_clip_max,
+            args.vllm_importance_sampling_mode,
+        )
+    return result
+
+
+def vllm_metrics(batch: dict, gather) -> dict[str, float]:
+    """`vllm/logprob_diff_mean|max` and `vllm/importance_weight_mean` over all processes' real tokens (a collective:
+    every process calls it); empty for rollouts that did not come from an engine."""
+    if "sampler_logprob_diff" not in batch:
+        return {}
+    diff = gather(batch["sampler_logprob_diff"])  # (B * processes, T), 0 on padding
+    real = gather(batch["response_mask"])
+    metrics = {
+        "vllm/logprob_diff_mean": diff[real].mean().item() if real.any() else 0.0,
+        "vllm/logprob_diff_max": diff.max().item(),
+    }
+    if "importance_weights" in batch:
+        metrics["vllm/importance_weight_mean"] = gather(batch["importance_weights"])[real].mean().item()
+    return metrics

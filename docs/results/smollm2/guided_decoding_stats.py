@@ -9,7 +9,7 @@ JSON files of `recipes/eval_length_control.py` (one or more seeds on the same pr
 Intervals are percentile intervals of a bootstrap over prompts (2,000 resamples, seed 0): a resampled prompt keeps
 all its completions (every seed, every sample), so guided and unguided figures and the tilt and budget figures are
 paired. Length Score and satisfaction are recomputed per completion from the stored lengths with
-`lenvm_rl.metrics.length_score` and the recipe's rule (At Most `L <= T`, At Least `L >= T`, Equal To within 10%).
+`lenvm_rl.length_metrics.length_score` and the recipe's rule (At Most `L <= T`, At Least `L >= T`, Equal To within 10%).
 The length-control JSON keeps accuracy only as a mean per run, so its accuracy is given as a count without CI.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenvm_rl.metrics import length_score
+from lenvm_rl.length_metrics import length_score
 
 RESAMPLES = 2000
 CONSTRAINT_NAMES = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}
