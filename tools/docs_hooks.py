@@ -4,10 +4,12 @@
   relative to the site, so the front page has one source.
 - `TRLDocstrings` (a griffe extension): the package's docstrings follow TRL's format, which the Google-style parser
   of mkdocstrings does not know. It turns cross-references such as [`~lenvm_rl.core.compute_gae`] into links of the
-  API reference (plain code when the target is not documented) and the `> group` lines inside a `Parameters:`
-  section into plain paragraphs after it.
+  API reference (plain code when the target is not documented), the `> group` lines and the entries that name several
+  parameters at once into paragraphs between `Parameters:` sections, and TRL's parameter types
+  (`` (`int`, *optional*, defaults to `1`) ``) into plain ones (the reference takes the default from the signature).
 """
 
+import ast
 import re
 from pathlib import Path
 
@@ -40,12 +42,10 @@ SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Params|Returns|Raises|Ex
 
 
 def _public_names() -> set[str]:
-    namespace: dict = {}
+    """`lenvm_rl.__all__`, read from the source (the build does not import the package and its torch)."""
     source = (ROOT / "lenvm_rl" / "__init__.py").read_text()
     match = re.search(r"^__all__ = (\[.*?\])", source, flags=re.S | re.M)
-    if match:
-        exec(f"names = {match.group(1)}", namespace)  # a literal list of strings
-    return set(namespace.get("names", []))
+    return set(ast.literal_eval(match.group(1)))
 
 
 PUBLIC = _public_names()
