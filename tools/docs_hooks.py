@@ -53,6 +53,8 @@ PUBLIC = _public_names()
 
 def resolve_reference(name: str, module: str) -> str:
     """The documented identifier a TRL-style reference points to."""
+    if name.split(".")[0] in PUBLIC:  # `LengthValueModel.save_pretrained`: a member of a public name
+        return f"lenvm_rl.{name}"
     if "." in name:
         return name
     if name in PUBLIC:
