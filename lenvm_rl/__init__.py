@@ -36,6 +36,7 @@ from .modeling import (  # noqa: F401
     LengthValueModel,
     LengthValueModelOutput,
     check_tokenizers_compatible,
+    fill_padding,
     freeze_model,
     load_frozen_lenvm,
     position_ids_from_mask,

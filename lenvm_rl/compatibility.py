@@ -55,11 +55,16 @@ def check_tokenizers_compatible(policy_tokenizer, lenvm_tokenizer) -> None:
 
 
 def check_lenvm_reads_policy_ids(lenvm, policy_tokenizer, lenvm_tokenizer) -> None:
-    """Raise unless the LenVM can read the policy's ids (embedding size; vocabularies when its tokenizer is known)."""
+    """Raise unless the LenVM can read the policy's ids (embedding size; vocabularies when its tokenizer is known).
+
+    The pad id is left out of the embedding check: padding is embedded as a valid id
+    ([`~lenvm_rl.modeling.fill_padding`]), so a `[PAD]` added past the vocabulary (TRL's PPO recipe) is fine.
+    """
     num_embeddings = lenvm.backbone.get_input_embeddings().num_embeddings
-    if num_embeddings < len(policy_tokenizer):
+    read_ids = [i for i in policy_tokenizer.get_vocab().values() if i != policy_tokenizer.pad_token_id]
+    if num_embeddings <= max(read_ids):
         raise ValueError(
-            f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has {len(policy_tokenizer)}: "
+            f"The LenVM embeds {num_embeddings} token ids but the policy's tokenizer has ids up to {max(read_ids)}: "
             "the LenVM reads the policy's ids, so use a LenVM trained with the policy's tokenizer."
         )
     if lenvm_tokenizer is not None:

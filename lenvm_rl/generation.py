@@ -105,7 +105,7 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, to
 
     Args:
         rows (`list[list[int]]`): Token ids, at least one row, each non-empty.
-        pad_token_id (`int`): Id written on padding (masked, so any id works).
+        pad_token_id (`int`): Id written on padding (masked; the decoding loops embed it as a valid id).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `input_ids` and `attention_mask`, both `(B, T)` long.

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .modeling import position_ids_from_mask
+from .modeling import fill_padding, position_ids_from_mask
 from .transformers_compat import cache_kwargs
 
 __all__ = [
@@ -136,13 +136,14 @@ def forward_with_cache(
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple:
     """
-    Run a left-padded prompt batch through `model` into a new cache, with padding-aware position ids.
+    Run a left-padded prompt batch through `model` into a new cache, with padding-aware position ids and padding
+    embedded as a valid id ([`~lenvm_rl.modeling.fill_padding`]: the pad id may lie past the vocabulary).
 
     Args:
         model ([`~transformers.PreTrainedModel`] or [`~lenvm_rl.LengthValueModel`]):
             The model; its `config` builds the cache.
         input_ids (`torch.Tensor`):
-            `(B, P)` prompt ids, left-padded.
+            `(B, P)` prompt ids, left-padded (any id on padding).
         attention_mask (`torch.Tensor`):
             `(B, P)` 1 on real tokens.
         **kwargs:
@@ -155,7 +156,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
     cache = DynamicCache(config=model.config)
     cache.layers = [AppendInPlaceLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     positions = position_ids_from_mask(attention_mask)  # (B, P)
-    outputs = forward_with_cache(model, cache, input_ids, attention_mask, positions, **kwargs)
+    outputs = forward_with_cache(
+        model, cache, fill_padding(input_ids, attention_mask), attention_mask, positions, **kwargs
+    )
     check_plain_cache(cache)
     return outputs, cache
 

@@ -52,6 +52,7 @@ from .transformers_compat import activation_checkpointing_disable, activation_ch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FILL_TOKEN_ID",
     "LENVM_CONFIG_NAME",
     "LENVM_FORMAT_VERSION",
     "VALUE_HEAD_NAME",
@@ -59,6 +60,7 @@ __all__ = [
     "LengthValueModelOutput",
     "check_lenvm_reads_policy_ids",
     "check_tokenizers_compatible",
+    "fill_padding",
     "freeze_model",
     "load_frozen_lenvm",
     "position_ids_from_mask",
@@ -84,6 +86,33 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
                 [0, 1, 2, 3, 3]])
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+FILL_TOKEN_ID = 0  # the id models see on padding (TRL's choice): every vocabulary has an id 0
+
+
+def fill_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.LongTensor:
+    """``input_ids`` with every padding position set to [`FILL_TOKEN_ID`] (0), a valid id for any model.
+
+    A tokenizer's pad id may lie outside the model's embedding: TRL's PPO recipe adds a `[PAD]` token without
+    resizing, which gives it the id one past the vocabulary (GPT-2: 50257, Llama-3: 128256). Padding is never
+    attended to, so any valid id gives the same outputs on real tokens; an invalid one fails in the embedding lookup.
+    lenvm-rl's model forwards and `generate` calls on padded ids go through this; the ids kept for decoding stay as
+    they are.
+
+    Args:
+        input_ids (`torch.Tensor`): `(B, T)` token ids.
+        attention_mask (`torch.Tensor`): `(B, T)`, 1 (or True) on real tokens.
+
+    Returns:
+        `torch.LongTensor`: `(B, T)` ids, 0 on padding.
+
+    Example:
+        >>> fill_padding(torch.tensor([[50257, 7, 8], [9, 10, 50257]]), torch.tensor([[0, 1, 1], [1, 1, 0]]))
+        tensor([[ 0,  7,  8],
+                [ 9, 10,  0]])
+    """
+    return input_ids.masked_fill(attention_mask == 0, FILL_TOKEN_ID)
 
 
 @dataclass
@@ -188,6 +217,7 @@ class LengthValueModel(LenVMFilesMixin, nn.Module):
         ``position_ids = max(cumsum(attention_mask) - 1, 0)``, so a sequence gets the same values whether it is
         left- or right-padded or batched with others (Llama/Qwen2 backbones do not derive positions from the
         mask themselves). With a key/value cache the mask covers past and new tokens, as in ``transformers``.
+        Padding positions are embedded as id 0 ([`fill_padding`]), so any pad id works, even one past the vocabulary.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -205,6 +235,10 @@ class LengthValueModel(LenVMFilesMixin, nn.Module):
         """
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # (B, T)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Every caller's padding, whatever its id (possibly one past the vocabulary), is embedded as a valid id.
+            # A 4D mask (candidate scoring) comes with real tokens only.
+            input_ids = fill_padding(input_ids, attention_mask[:, -input_ids.shape[1] :])
         kwargs.setdefault("use_cache", False)
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs

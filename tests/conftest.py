@@ -41,6 +41,28 @@ def make_tiny_tokenizer(extra_words=()):
     return tokenizer
 
 
+def make_pad_past_vocabulary_tokenizer():
+    """The tiny tokenizer with a `[PAD]` pad token added without resizing any model, as TRL's PPO recipe does: its
+    pad id is the embedding size of the tiny models (one past the vocabulary)."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    assert tokenizer.pad_token_id == len(make_tiny_tokenizer())
+    return tokenizer
+
+
+def make_eos_prone_causal_lm(arch="llama", eos_bias=2.0, seed=0):
+    """A tiny causal LM whose untied head has a bias towards EOS (id 1): about one sampled token in ten is EOS at
+    temperature 0.7, so a batch of short responses mixes stopped rows (padding after the stop token) with rows cut at
+    the limit."""
+    model = make_tiny_causal_lm(arch, seed=seed, tie=False)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[1] = eos_bias
+    model.lm_head = head
+    return model
+
+
 def make_tiny_causal_lm(arch="llama", vocab_size=None, seed=0, hidden_size=32, num_layers=2, tie=True):
     """A randomly initialised causal LM (Llama- or Qwen2-style) with a few thousand parameters."""
     vocab_size = vocab_size or len(make_tiny_tokenizer())

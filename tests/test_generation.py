@@ -3,7 +3,7 @@ The key/value cache it runs on appends in place and equals transformers' own."""
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm
+from conftest import make_pad_past_vocabulary_tokenizer, make_tiny_causal_lm
 from transformers import DynamicCache
 
 from lenvm_rl.generation import generate_completions, left_pad, sample_next_tokens
@@ -45,6 +45,16 @@ def test_greedy_does_not_depend_on_batching(model, tiny_tokenizer, batch_size):
     completions = generate_completions(model, tiny_tokenizer, PROMPTS, 2, 10, temperature=0.0, batch_size=batch_size)
     assert [c.completion_ids for c in completions] == [c.completion_ids for c in reference]
     assert [(c.prompt_index, c.sample_index) for c in completions] == [(i, j) for i in range(7) for j in range(2)]
+
+
+def test_pad_id_past_the_vocabulary(model, tiny_tokenizer):
+    """TRL's `[PAD]` recipe (a pad id equal to the embedding size): prefills embed padding as a valid id, so the samples
+    are those drawn with an in-vocabulary pad token."""
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    assert tokenizer.pad_token_id == model.get_input_embeddings().num_embeddings
+    completions = generate_completions(model, tokenizer, PROMPTS, 2, 10, temperature=1.0, batch_size=3)
+    expected = generate_completions(model, tiny_tokenizer, PROMPTS, 2, 10, temperature=1.0, batch_size=3)
+    assert [c.completion_ids for c in completions] == [c.completion_ids for c in expected]
 
 
 def test_sampling_is_seeded_and_returns_one_record_per_sample(model, tiny_tokenizer):

@@ -4,7 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer, write_guided_eval_world
+from conftest import (
+    make_pad_past_vocabulary_tokenizer,
+    make_tiny_causal_lm,
+    make_tiny_tokenizer,
+    write_guided_eval_world,
+)
 from transformers import DynamicCache
 
 from lenvm_rl.candidates import candidate_set, select_candidates
@@ -365,6 +370,34 @@ def test_guided_generate_completions_keeps_prompt_order():
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
         alone = generate_with_length_guidance(policy, torch.tensor([ids]), None, lenvm, config, target)
         assert completion == alone.completion_ids[0]
+
+
+@pytest.mark.parametrize("mode", ["none", "tilt", "at_most"])
+def test_pad_id_past_the_vocabulary(mode):
+    """TRL's `[PAD]` recipe (a pad id equal to the embedding size): the policy's and the LenVM's prefills and the
+    re-encoding reference embed padding as a valid id, so guided decoding gives what an in-vocabulary pad gives."""
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    policy, lenvm = make_tiny_causal_lm(seed=0), make_lenvm()
+    assert tokenizer.pad_token_id == policy.get_input_embeddings().num_embeddings
+    prompts = [[{"role": "user", "content": q}] for q in ("how many apples ?", "what is 3 + 4 ?", "he has 5 pens and")]
+    config = LengthGuidanceConfig(mode=mode, beta=-2.0, top_k=4, max_new_tokens=8, stop_token_ids=[EOS])
+    targets = [4, 6, 5] if mode == "at_most" else None
+
+    def guided(tokenizer):
+        return guided_generate_completions(
+            policy, tokenizer, prompts, lenvm, config, targets, batch_size=3, lenvm_tokenizer=tokenizer
+        )
+
+    out, expected = guided(tokenizer), guided(make_tiny_tokenizer())
+    assert out.completion_ids == expected.completion_ids and out.values == expected.values
+
+    ids, mask = left_pad([[5, 6, 7], [4]], pad_token_id=tokenizer.pad_token_id)
+    candidates = torch.tensor([[8, 9], [10, 11]])
+    torch.testing.assert_close(
+        score_candidates_by_reencoding(lenvm, ids, mask, candidates),
+        score_candidates_by_reencoding(lenvm, ids.masked_fill(mask == 0, 3), mask, candidates),
+        atol=0, rtol=0,
+    )  # fmt: skip
 
 
 def test_config_errors_name_the_flag():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import make_pad_past_vocabulary_tokenizer, make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 from safetensors import safe_open
 from trl import GRPOConfig, GRPOTrainer
@@ -162,6 +162,24 @@ def test_lenvm_must_read_the_policy_ids(tmp_path, tokenizer):
         construct(args, tokenizer, None)
     with pytest.raises(ValueError, match="tools"):
         construct(args, tokenizer, make_lenvm(), tools=[len])
+
+
+def test_lenvm_values_with_a_pad_id_past_the_vocabulary(tmp_path):
+    """TRL's `[PAD]` recipe (a pad id equal to the embedding size) is accepted with a LenVM of the policy's vocabulary,
+    and the LenVM embeds padding as a valid id: its values are those of the same rows padded with an in-vocabulary id.
+    (TRL's own `GRPOTrainer` embeds the pad id in its `generate` and log-probability forwards; docs/trl_compatibility.md.)"""
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    trainer = make_trainer(tmp_path, tokenizer, length_coef=1.0)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_ids = torch.tensor([[pad, pad, 20, 21], [22, 23, 24, 25]])  # left-padded prompts
+    completion_ids = torch.tensor([[30, 31, eos], [32, eos, pad]])  # right-padded completions
+    prompt_mask, response_mask = (prompt_ids != pad).long(), completion_ids != pad
+    values = trainer.compute_length_values(prompt_ids, prompt_mask, completion_ids, response_mask)
+    in_vocabulary = trainer.compute_length_values(
+        prompt_ids.masked_fill(prompt_ids == pad, 5), prompt_mask, completion_ids.masked_fill(~response_mask, 5),
+        response_mask,
+    )  # fmt: skip
+    assert values.shape == (2, 4) and torch.equal(values, in_vocabulary)
 
 
 # ------------------------------------------------------------------------------------------ hand-built rollouts

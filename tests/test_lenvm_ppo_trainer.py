@@ -5,7 +5,12 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import (
+    make_eos_prone_causal_lm,
+    make_pad_past_vocabulary_tokenizer,
+    make_tiny_causal_lm,
+    make_tiny_tokenizer,
+)
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import TrainerCallback
@@ -384,6 +389,40 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, tokenizer
     coefs = [e["length/coef"] for e in uninterrupted.state.log_history if "length/coef" in e]
     assert coefs == pytest.approx([0.0, 1.0, 0.5])  # warm-up 1 update, then linear decay over 3 - 1 updates
     assert [e["length/coef"] for e in resumed.state.log_history if "length/coef" in e][-1] == coefs[-1]
+
+
+@pytest.mark.parametrize("lenvm_update", ["frozen", "online"])
+def test_pad_id_past_the_vocabulary(tmp_path, lenvm_update):
+    """TRL's `[PAD]` recipe (a pad id equal to the embedding size): the LenVM embeds padding as a valid id, in its
+    frozen forward and in its online refresh, so the run is the one with an in-vocabulary pad token."""
+
+    def run_with(tokenizer):
+        dataset = Dataset.from_list(
+            [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?" + " and" * (i % 3)}]} for i in range(8)]
+        )
+        args = make_args(tmp_path, length_coef=1.0, lenvm_update=lenvm_update, total_episodes=4, response_length=6)
+        trainer = LenVMPPOTrainer(
+            args,
+            tokenizer,
+            make_eos_prone_causal_lm(),
+            reward_funcs=[word_count_reward],
+            train_dataset=dataset,
+            lenvm=make_lenvm(),
+            lenvm_processing_class=tokenizer,
+        )
+        trainer.train()
+        batch = trainer.generate_rollouts([dataset[i] for i in range(8)])
+        metrics = [{k: v for k, v in e.items() if k != "eps" and "runtime" not in k and "per_second" not in k}
+                   for e in trainer.state.log_history]  # fmt: skip
+        return batch, metrics, snapshot(trainer.lenvm)
+
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    batch, metrics, lenvm = run_with(tokenizer)
+    pad = tokenizer.pad_token_id
+    assert (batch["queries"] == pad).any() and (batch["responses"] == pad).any()  # left and right padding
+    _, in_vocabulary_metrics, in_vocabulary_lenvm = run_with(make_tiny_tokenizer())
+    assert "length/predicted_tokens_mean" in metrics[0] and metrics == in_vocabulary_metrics
+    assert all(torch.equal(lenvm[name], in_vocabulary_lenvm[name]) for name in lenvm)
 
 
 # ---------------------------------------------------------------------------------------------- loading and checks

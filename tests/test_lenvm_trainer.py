@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import make_pad_past_vocabulary_tokenizer, make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 
 from lenvm_rl.modeling import LengthValueModel
@@ -225,6 +225,23 @@ def test_gradient_accumulation_1_vs_4_gives_the_same_step(tmp_path, padding_free
     assert any(not torch.equal(a, b) for a, b in zip(full, before))
     for a, b in zip(full, accumulated):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_pad_id_past_the_vocabulary(tmp_path, padding_free):
+    """A LenVM tokenizer with TRL's `[PAD]` recipe (a pad id equal to the embedding size): padded and packed batches
+    embed padding as a valid id, so the step is the one taken with an in-vocabulary pad token."""
+
+    def one_step(tokenizer):
+        model = LengthValueModel.from_backbone(make_tiny_causal_lm("qwen2", seed=3), gamma=0.9)
+        args = tiny_args(tmp_path, per_device_train_batch_size=4, max_steps=1, padding_free=padding_free)
+        LenVMTrainer(model, args=args, train_dataset=make_records(num=8), processing_class=tokenizer).train()
+        return [p.detach().clone() for p in model.parameters()]
+
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    assert tokenizer.pad_token_id == make_tiny_causal_lm("qwen2").get_input_embeddings().num_embeddings
+    for a, b in zip(one_step(tokenizer), one_step(make_tiny_tokenizer()), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_gamma_percentile_rule_is_logged_and_stored(tmp_path, caplog):

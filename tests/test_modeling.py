@@ -7,14 +7,20 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import make_pad_past_vocabulary_tokenizer, make_tiny_causal_lm, make_tiny_tokenizer
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, T5Config
 
 import lenvm_rl.lenvm_checkpoint as lenvm_checkpoint
 from lenvm_rl.core import values_to_lengths
-from lenvm_rl.modeling import LengthValueModel, check_tokenizers_compatible, freeze_model, load_frozen_lenvm
+from lenvm_rl.modeling import (
+    LengthValueModel,
+    check_tokenizers_compatible,
+    fill_padding,
+    freeze_model,
+    load_frozen_lenvm,
+)
 from lenvm_rl.transformers_compat import is_activation_checkpointing
 
 H = 32  # hidden size of the tiny models in conftest
@@ -297,6 +303,28 @@ def test_values_do_not_depend_on_padding_or_batch(arch):
             variants[f"{side}-padded batch"] = values[1][attention_mask[1].bool()]
         for name, values in variants.items():
             torch.testing.assert_close(values, alone, atol=1e-5, rtol=0, msg=name)
+
+
+def test_pad_id_past_the_vocabulary(lenvm):
+    """TRL's `[PAD]` recipe puts the pad id one past the vocabulary: the forward embeds padding as id 0 (either side,
+    with or without a cache), so the values are those of the same batch padded with a valid id."""
+    vocab = lenvm.backbone.get_input_embeddings().num_embeddings
+    short, sequence, long = token_ids(3, 5, 8)
+    with torch.no_grad():
+        for side in ("left", "right"):
+            input_ids, attention_mask = pad([long, sequence, short], side)
+            past_vocabulary = input_ids.masked_fill(attention_mask == 0, vocab)
+            expected = lenvm(input_ids, attention_mask=attention_mask).values
+            assert torch.equal(lenvm(past_vocabulary, attention_mask=attention_mask).values, expected)
+        # A prefill, then two tokens against its cache (the mask then covers past and new columns).
+        input_ids, attention_mask = pad([long, sequence, short], "left")
+        past_vocabulary = input_ids.masked_fill(attention_mask == 0, vocab)
+        expected = lenvm(input_ids, attention_mask=attention_mask).values
+        outputs = lenvm(past_vocabulary[:, :-2], attention_mask=attention_mask[:, :-2], use_cache=True)
+        cached = lenvm(past_vocabulary[:, -2:], attention_mask=attention_mask, cache=outputs.cache, use_cache=True)
+        torch.testing.assert_close(cached.values, expected[:, -2:], atol=1e-5, rtol=0)
+    assert fill_padding(past_vocabulary, attention_mask).max() < vocab
+    load_frozen_lenvm(lenvm, make_pad_past_vocabulary_tokenizer())  # the pad id is not read: accepted
 
 
 def test_predicted_lengths(lenvm):

@@ -5,7 +5,12 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from conftest import make_tiny_causal_lm, make_tiny_tokenizer
+from conftest import (
+    make_eos_prone_causal_lm,
+    make_pad_past_vocabulary_tokenizer,
+    make_tiny_causal_lm,
+    make_tiny_tokenizer,
+)
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
@@ -285,6 +290,81 @@ def test_pad_token_equal_to_eos(tmp_path):
     batch = trainer.generate_rollouts([dataset[i] for i in range(4)])
     assert batch["terminated"].all() and batch["response_mask"].sum(1).tolist() == [1, 1, 1, 1]
     assert trainer.score_rollouts(batch)["scores"].tolist() == [1.0] * 4
+
+
+def run_with_every_model(tmp_path, tokenizer, peft=False):
+    """One PPO update with a separate reference (or a LoRA policy as its own reference), a reward model, a critic and
+    sample tables; prompts of several lengths, and a policy that stops about one token in four."""
+    from peft import LoraConfig
+
+    vocab = len(make_tiny_tokenizer())
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?" + " and" * (i % 3)}]} for i in range(8)]
+    )
+    args = make_args(
+        tmp_path, output_dir=str(tmp_path / f"ppo-{tokenizer.pad_token}"), total_episodes=4, response_length=6
+    )
+    trainer = PPOTrainer(
+        args,
+        tokenizer,
+        make_eos_prone_causal_lm("qwen2"),
+        ref_model=None if peft else make_eos_prone_causal_lm("qwen2"),
+        reward_model=make_tiny_classifier(vocab, seed=1),
+        train_dataset=dataset,
+        value_model=make_tiny_classifier(vocab, seed=2),
+        eval_dataset=dataset.select(range(4)),
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM") if peft else None,
+    )
+    trainer.train()
+    batch = trainer.generate_rollouts([dataset[i] for i in range(8)])
+    metrics = [{k: v for k, v in e.items() if k != "eps" and "runtime" not in k and "per_second" not in k}
+               for e in trainer.state.log_history]  # fmt: skip
+    return batch, metrics, trainer.generate_completions()
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["ref_model", "lora"])
+def test_pad_id_past_the_vocabulary(tmp_path, peft):
+    """TRL's PPO recipe adds a `[PAD]` token without resizing: its id is the embedding size. Padding is embedded as a
+    valid id before `generate` and every policy, reference, critic and reward-model forward, so the run is exactly
+    the one with an in-vocabulary pad token."""
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    batch, metrics, table = run_with_every_model(tmp_path, tokenizer, peft)
+    pad = tokenizer.pad_token_id
+    assert (batch["queries"] == pad).any() and (batch["responses"] == pad).any()  # left and right padding
+    assert batch["terminated"].any() and not batch["terminated"].all()
+
+    in_vocabulary_batch, in_vocabulary_metrics, in_vocabulary_table = run_with_every_model(
+        tmp_path, make_tiny_tokenizer(), peft
+    )
+    assert torch.equal(batch["responses"].masked_fill(~batch["response_mask"], 0), in_vocabulary_batch["responses"])
+    assert metrics == in_vocabulary_metrics
+    assert table["score"].tolist() == in_vocabulary_table["score"].tolist()
+
+
+def test_greedy_sample_table_with_a_pad_id_past_the_vocabulary(tmp_path):
+    """`generate_completions` decodes greedily, and `generate` feeds a finished row its padding id until the longest
+    row ends: that id must be a valid one. With a slight EOS bias greedy rows stop at different steps."""
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?" + " and" * (i % 3)}]} for i in range(8)]
+    )
+
+    def table(tokenizer):
+        args = make_args(tmp_path, response_length=6, per_device_eval_batch_size=8)
+        trainer = PPOTrainer(
+            args,
+            tokenizer,
+            make_eos_prone_causal_lm("qwen2", eos_bias=0.1),
+            reward_funcs=[word_count_reward],
+            train_dataset=dataset,
+            eval_dataset=dataset,
+        )
+        return trainer.generate_completions()
+
+    tokenizer = make_pad_past_vocabulary_tokenizer()
+    completions = table(tokenizer)
+    lengths = {len(tokenizer(response)["input_ids"]) for response in completions["model response"]}
+    assert len(lengths) > 1  # rows ended at different steps
+    assert completions.equals(table(make_tiny_tokenizer()))
 
 
 # ---------------------------------------------------------------------------------------------- rewards

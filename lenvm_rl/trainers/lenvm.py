@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ..core import gamma_for_length
-from ..modeling import VALUE_HEAD_NAME, LengthValueModel
+from ..modeling import FILL_TOKEN_ID, VALUE_HEAD_NAME, LengthValueModel
 from ..targets import LenVMDataCollator, tokenize_rollouts
 from .checkpointing import CompleteCheckpointsMixin
 
@@ -151,10 +151,9 @@ class LenVMTrainer(CompleteCheckpointsMixin, Trainer):
         if args.trainable_layers is not None:
             train_last_layers(model, args.trainable_layers)
 
-        pad_token_id = processing_class.pad_token_id if processing_class is not None else model.config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = 0  # padding ids are never attended to nor targeted
-        collator = LenVMDataCollator(gamma=gamma, pad_token_id=pad_token_id, padding_free=args.padding_free)
+        # Padding is never attended to nor targeted, but it is embedded: a packed batch has no mask to fill it by, and
+        # the tokenizer's pad id may lie past the vocabulary (a `[PAD]` added without resizing), so write a valid id.
+        collator = LenVMDataCollator(gamma=gamma, pad_token_id=FILL_TOKEN_ID, padding_free=args.padding_free)
         super().__init__(
             model=model,
             args=args,

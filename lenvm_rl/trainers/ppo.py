@@ -27,6 +27,7 @@ from trl.trainer.utils import (
 )
 
 from ..core import compute_gae
+from ..modeling import FILL_TOKEN_ID, fill_padding
 from ..rl_math import (
     check_finite,
     clipped_policy_loss,
@@ -179,7 +180,9 @@ class PPOTrainer(PPORolloutMixin, PPOModelsMixin, TRLPPOCompatMixin, CompleteChe
             top_p=1.0,
             do_sample=True,
             eos_token_id=self.stop_token_id,
-            pad_token_id=self.pad_token_id,
+            # `generate` writes this after a row's stop token and feeds it back to the policy, so it must be a valid
+            # id (the tokenizer's may lie past the vocabulary); truncation then writes the pad id there.
+            pad_token_id=FILL_TOKEN_ID,
         )
 
         # Batch sizes (TRL's names), also set on `args` as TRL 1.12 did: its scripts and callbacks read them there.
@@ -317,7 +320,8 @@ class PPOTrainer(PPORolloutMixin, PPOModelsMixin, TRLPPOCompatMixin, CompleteChe
         for i in range(0, len(mask), chunk):
             query_responses = batch["query_responses"][i : i + chunk]
             attention_mask = batch["attention_mask"][i : i + chunk]
-            responses = batch["responses"][i : i + chunk]
+            # Log-probabilities at padding are masked out below, but their ids must still index the vocabulary.
+            responses = fill_padding(batch["responses"][i : i + chunk], mask[i : i + chunk])
             logits, chunk_values = self._forward(self.model_wrapped, query_responses, attention_mask, C)
             logprobs.append(selective_log_softmax(logits, responses))
             ref_logprobs.append(selective_log_softmax(self._ref_logits(query_responses, attention_mask, C), responses))
@@ -397,7 +401,7 @@ class PPOTrainer(PPORolloutMixin, PPOModelsMixin, TRLPPOCompatMixin, CompleteChe
         logits, values = self._forward(
             model, batch["query_responses"][indices], batch["attention_mask"][indices], batch["context_length"]
         )
-        logprobs = selective_log_softmax(logits, batch["responses"][indices])
+        logprobs = selective_log_softmax(logits, fill_padding(batch["responses"][indices], mask))
         token_weights = batch["importance_weights"][indices] if "importance_weights" in batch else None
         pg_loss, pg_stats = clipped_policy_loss(
             logprobs,

@@ -18,7 +18,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models.utils import prepare_deepspeed
 
 from ..io import move_files_into
-from ..modeling import freeze_model, position_ids_from_mask
+from ..modeling import fill_padding, freeze_model, position_ids_from_mask
 from ..transformers_compat import (
     activation_checkpointing_disable,
     activation_checkpointing_enable,
@@ -47,10 +47,14 @@ def score_per_token(model: nn.Module, input_ids, attention_mask, position_ids) -
 
     Reads the backbone (`base_model_prefix`) and the `score` head directly, so the caller picks the position; a
     classifier's own pooling finds the last token through `input_ids != pad_token_id`, which fails when pad == EOS.
+    Padding is embedded as a valid id ([`~lenvm_rl.modeling.fill_padding`]): the pad id may lie past the vocabulary.
     """
     backbone = getattr(model, model.base_model_prefix)
     hidden_states = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=fill_padding(input_ids, attention_mask),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state
     return model.score(hidden_states).squeeze(-1).float()  # (B, L)
 
@@ -78,6 +82,7 @@ class PolicyAndValueWrapper(nn.Module):
         self.value_model = value_model
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        input_ids = fill_padding(input_ids, attention_mask)  # padding may hold a pad id past the vocabulary
         logits = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -264,7 +269,7 @@ class PPOModelsMixin:
     def _ref_logits(self, query_responses, attention_mask, context_length: int) -> torch.Tensor:
         T = query_responses.shape[1] - context_length
         kwargs = dict(
-            input_ids=query_responses,
+            input_ids=fill_padding(query_responses, attention_mask),
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             logits_to_keep=T + 1,

@@ -11,6 +11,7 @@ from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from ..modeling import fill_padding
 from ..rl_math import truncate_after_stop_token
 from .vllm_rollouts import pad_vllm_completions
 
@@ -157,7 +158,7 @@ class PPORolloutMixin:
             unwrapped.eval()
             for i in range(0, len(queries), chunk):
                 output = unwrapped.policy.generate(
-                    input_ids=queries[i : i + chunk],
+                    input_ids=fill_padding(queries[i : i + chunk], query_mask[i : i + chunk]),
                     attention_mask=query_mask[i : i + chunk],
                     generation_config=generation_config or self.generation_config,
                 )

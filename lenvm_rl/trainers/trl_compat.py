@@ -24,6 +24,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 
 from ..io import write_text_atomic
 from ..model_cards import policy_model_card
+from ..modeling import FILL_TOKEN_ID
 from .length_critic import LengthCriticConfigMixin
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class TRLPPOCompatMixin:
             max_new_tokens=self.args.response_length,
             do_sample=False,
             eos_token_id=self.stop_token_id,
-            pad_token_id=self.pad_token_id,
+            pad_token_id=FILL_TOKEN_ID,  # fed back to the policy after a row's stop token: a valid id (see PPOTrainer)
         )
         table = defaultdict(list)
         for start in range(0, len(indices), chunk):
