@@ -16,10 +16,10 @@
 # PPOTrainer up to its last release with PPO, 1.12. TRL's source distributions ship no tests; this is the file as it
 # stands at TRL commit f2cd57710ae345ea6428ae95363267fcf38a3dc8 (main, 1.10.0.dev0, 2026-07-24), last changed by
 # a01bf61f6584596824b5c7350449869413db4682 (#5678); TRL 1.12.0's `trl/experimental/ppo` differs from that commit's
-# by one line (masked entropy metric). Modified by lenvm-rl: imports (lenvm_rl's PPOConfig, PPOTrainer and masked
-# statistics; the test helpers of ./testing_utils.py), and skip markers on the classes that need names lenvm-rl does
-# not provide. Test bodies and set-up are unchanged; the models and dataset they load by Hub id are built offline by
-# ./conftest.py.
+# only in one line of a metric (the entropy, masked) and a comment. Modified by lenvm-rl: imports (lenvm_rl's
+# PPOConfig, PPOTrainer and masked statistics; the test helpers of ./testing_utils.py), and skip markers on the
+# classes that need names lenvm-rl does not provide. Test bodies and set-up are unchanged; the models and dataset
+# they load by Hub id are built offline by ./conftest.py.
 
 import gc
 import os
