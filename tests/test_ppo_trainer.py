@@ -294,7 +294,7 @@ def test_pad_token_equal_to_eos(tmp_path):
 
 def run_with_every_model(tmp_path, tokenizer, peft=False):
     """One PPO update with a separate reference (or a LoRA policy as its own reference), a reward model, a critic and
-    sample tables; prompts of several lengths, and a policy that stops about one token in four."""
+    sample tables; prompts of several lengths, and a policy that samples EOS about one token in ten."""
     from peft import LoraConfig
 
     vocab = len(make_tiny_tokenizer())
