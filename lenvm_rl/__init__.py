@@ -87,6 +87,7 @@ __all__ = [
     "evaluate_gsm8k",
     "evaluate_length_prediction",
     "extract_gsm8k_answer",
+    "fill_padding",
     "fit_prompt_length_regression",
     "format_length_prediction_table",
     "freeze_model",
