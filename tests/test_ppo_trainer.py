@@ -629,3 +629,19 @@ def test_use_vllm_needs_a_policy_loaded_from_a_checkpoint(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="save_pretrained"):
         PPOTrainer(make_args(tmp_path, use_vllm=True), tokenizer, make_tiny_causal_lm("llama"),
                    reward_funcs=[ones_reward], train_dataset=make_dataset())  # fmt: skip
+
+
+def test_the_policys_own_generation_config_does_not_change_the_rollout_distribution(tmp_path, tokenizer):
+    """An instruct model's generation config (repetition penalty, top-k, n-gram blocking) must not reach the rollout:
+    the log-probabilities PPO trains on are those of softmax(logits / temperature)."""
+
+    def rollouts(policy):
+        trainer = PPOTrainer(make_args(tmp_path, response_length=12), tokenizer, policy,
+                             reward_funcs=[ones_reward], train_dataset=make_dataset())  # fmt: skip
+        torch.manual_seed(0)
+        return trainer.generate_rollouts([make_dataset()[i] for i in range(4)])["responses"]
+
+    plain = make_tiny_causal_lm("llama", seed=1)
+    opinionated = make_tiny_causal_lm("llama", seed=1)
+    opinionated.generation_config.update(repetition_penalty=5.0, top_k=1, no_repeat_ngram_size=1, min_new_tokens=12)
+    assert torch.equal(rollouts(plain), rollouts(opinionated))

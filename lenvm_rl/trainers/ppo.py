@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import (
-    GenerationConfig,
     PreTrainedTokenizerBase,
     Trainer,
 )
@@ -39,7 +38,7 @@ from ..rl_math import (
 from .checkpointing import CompleteCheckpointsMixin
 from .ppo_config import PPOConfig, resolve_stop_token_id
 from .ppo_models import PolicyAndValueWrapper, PPOModelsMixin, prepare_ppo_models
-from .ppo_rollouts import PPORolloutMixin
+from .ppo_rollouts import PPORolloutMixin, rollout_generation_config
 from .reward_funcs import RewardFunc, call_reward_funcs, load_reward_funcs, reward_func_names, warn_constant_scores
 from .trl_compat import TRLPPOCompatMixin
 from .vllm_rollouts import make_ppo_vllm_generation, sampler_logprob_stats, vllm_metrics
@@ -173,11 +172,9 @@ class PPOTrainer(PPORolloutMixin, PPOModelsMixin, TRLPPOCompatMixin, CompleteChe
 
         self.stop_token_id = resolve_stop_token_id(args, processing_class, policy)
         self.pad_token_id = processing_class.pad_token_id
-        self.generation_config = GenerationConfig(
+        self.generation_config = rollout_generation_config(
             max_new_tokens=args.response_length,
             temperature=args.temperature,
-            top_k=0,
-            top_p=1.0,
             do_sample=True,
             eos_token_id=self.stop_token_id,
             # `generate` writes this after a row's stop token and feeds it back to the policy, so it must be a valid

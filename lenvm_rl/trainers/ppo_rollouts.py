@@ -15,7 +15,37 @@ from ..modeling import fill_padding
 from ..rl_math import truncate_after_stop_token
 from .vllm_rollouts import pad_vllm_completions
 
-__all__ = ["PPORolloutMixin", "decode_completions", "epoch_permutation_rows", "tokenize_prompt_rows"]
+__all__ = [
+    "NEUTRAL_SAMPLING",
+    "PPORolloutMixin",
+    "decode_completions",
+    "epoch_permutation_rows",
+    "rollout_generation_config",
+    "tokenize_prompt_rows",
+]
+
+
+# Every logits processor `generate` would otherwise take from the policy's own generation config (an instruct model's
+# `repetition_penalty=1.05`, a `top_k=20`, ...): `generate` fills the settings a passed config leaves unset from the
+# model's, and the rollout's log-probabilities (softmax of logits / temperature) would then not be those of the
+# distribution that sampled the tokens. The vLLM path sets the same neutral values.
+NEUTRAL_SAMPLING = dict(
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    min_new_tokens=0,
+)
+
+
+def rollout_generation_config(**kwargs) -> GenerationConfig:
+    """A `GenerationConfig` with `kwargs` and every other sampling setting neutral (see `NEUTRAL_SAMPLING`)."""
+    return GenerationConfig(**{**NEUTRAL_SAMPLING, **kwargs})
 
 
 class _Permutations:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch.nn as nn
 from accelerate.utils import gather_object
-from transformers import GenerationConfig, TrainingArguments
+from transformers import TrainingArguments
 from transformers.utils import is_rich_available
 from trl.trainer.utils import get_config_model_id, use_adapter
 
@@ -26,6 +26,7 @@ from ..io import write_text_atomic
 from ..model_cards import policy_model_card
 from ..modeling import FILL_TOKEN_ID
 from .length_critic import LengthCriticConfigMixin
+from .ppo_rollouts import rollout_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class TRLPPOCompatMixin:
         chunk = self.args.per_device_eval_batch_size
         if sampling:
             indices = indices[:chunk]
-        greedy = GenerationConfig(
+        greedy = rollout_generation_config(
             max_new_tokens=self.args.response_length,
             do_sample=False,
             eos_token_id=self.stop_token_id,
