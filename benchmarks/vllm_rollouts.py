@@ -7,8 +7,9 @@ at SmolLM2-135M's shape. Runs in `.venv-vllm` (`make install-vllm`), which has b
     .venv-vllm/bin/python benchmarks/vllm_rollouts.py lengths --lengths 128 512 2048 4096
 
 Every measurement runs in a child process (one `train()`), so peak memory (`VmHWM`) belongs to one configuration and
-each vLLM engine starts fresh. Update times are taken between consecutive `on_step_end` callbacks, so the first
-update (warm-up, and the engine's first weight sync) is never counted.
+each vLLM engine starts fresh. An update is timed from its `on_step_begin` to its `on_step_end` callback; the first
+`--skip_updates` updates (warm-up, and the engine's first weight sync) are not counted (`lengths --skip_updates 0`
+times every update, for lengths where one update takes minutes).
 
 Models: random weights in SmolLM2-135M-Instruct's shape (`outputs/smollm2/model/config.json`: vocab 49,152, hidden
 576, 30 layers), saved once to `.cache/bench-smollm2-random` (vLLM loads weights from disk). A random model of this
@@ -87,9 +88,12 @@ def child(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(1)
     lenvm = LengthValueModel.from_backbone(AutoModelForCausalLM.from_pretrained(model_dir), gamma=0.999)
-    marks, spent = [], {"generate": 0.0, "lenvm": 0.0, "tokens": 0}
+    marks, starts, spent = [], [], {"generate": 0.0, "lenvm": 0.0, "tokens": 0}
 
     class Marks(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            starts.append(time.perf_counter())
+
         def on_step_end(self, *a, **k):
             marks.append(time.perf_counter())
 
@@ -99,7 +103,7 @@ def child(args) -> dict:
         def wrapper(*a, **k):
             start = time.perf_counter()
             out = inner(*a, **k)
-            if len(marks) >= 1:  # the first update is warm-up
+            if len(marks) >= args.skip_updates:  # the first updates are warm-up
                 spent[key] += time.perf_counter() - start
                 if count_tokens:
                     spent["tokens"] += int(out["response_mask"].sum())
@@ -143,7 +147,7 @@ def child(args) -> dict:
         def lenvm_values(*a, **k):
             start = time.perf_counter()
             out = inner_values(*a, **k)
-            if len(marks) >= 1:
+            if len(marks) >= args.skip_updates:
                 spent["lenvm"] += time.perf_counter() - start
             return out
 
@@ -178,7 +182,7 @@ def child(args) -> dict:
         timed(trainer, "_generate", "generate")
         timed(trainer, "compute_length_values", "lenvm")
     trainer.train()
-    updates = [b - a for a, b in zip(marks, marks[1:])]
+    updates = [end - begin for begin, end in zip(starts, marks)][args.skip_updates :]
     status = Path("/proc/self/status").read_text()
     peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
     timed_updates = len(updates)
@@ -191,11 +195,12 @@ def child(args) -> dict:
     }
 
 
-def run_child(trainer: str, arm: str, response_length: int, updates: int) -> dict:
+def run_child(trainer: str, arm: str, response_length: int, updates: int, skip_updates: int = 1) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
     command = [sys.executable, __file__, "_child", "--trainer", trainer, "--arm", arm,
-               "--response_length", str(response_length), "--updates", str(updates), "--out", out]  # fmt: skip
+               "--response_length", str(response_length), "--updates", str(updates),
+               "--skip_updates", str(skip_updates), "--out", out]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"  {trainer} {arm} L={response_length} ...", flush=True)
     subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -236,7 +241,7 @@ def lengths(args) -> dict:
     for trainer in ("ppo", "grpo"):
         rows = []
         for length in args.lengths:
-            result = run_child(trainer, "builtin", length, args.updates)
+            result = run_child(trainer, "builtin", length, args.updates, args.skip_updates)
             update = spread(result["update_seconds"])["median"]
             rows.append({
                 "response_length": length,
@@ -274,12 +279,14 @@ def main() -> None:
     p = sub.add_parser("lengths")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048, 4096])
     p.add_argument("--updates", type=int, default=2)
+    p.add_argument("--skip_updates", type=int, default=1, help="First updates not timed (warm-up).")
     p.add_argument("--output", default=str(RESULTS / "response_length_cost_smollm2.json"))
     p = sub.add_parser("_child")
     p.add_argument("--trainer", choices=["ppo", "grpo"])
     p.add_argument("--arm", choices=["builtin", "vllm"])
     p.add_argument("--response_length", type=int)
     p.add_argument("--updates", type=int)
+    p.add_argument("--skip_updates", type=int, default=1)
     p.add_argument("--out")
     args = parser.parse_args()
     if args.command == "_child":
