@@ -20,6 +20,7 @@ __all__ = [
     "default_dir_mode",
     "default_file_mode",
     "move_files_into",
+    "read_json",
     "write_json_atomic",
     "write_jsonl_atomic",
     "write_text_atomic",
@@ -75,6 +76,28 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> Path:
     """Write `records` as JSON lines to `path` atomically."""
     return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """The content of the JSON file `path`; a truncated or malformed file is a `ValueError` that names it and says
+    what to do (`fix`), instead of a bare `JSONDecodeError` at every restart.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = pathlib.Path(tmp) / "results.json"
+        ...     _ = path.write_text('{"accuracy": 0.')
+        ...     try:
+        ...         read_json(path, fix="delete it")
+        ...     except ValueError as error:
+        ...         print(str(error).replace(tmp, "<tmp>"))
+        <tmp>/results.json is not valid JSON (truncated or corrupt: Expecting ',' delimiter: line 1 column 15 (char 14)); delete it.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt: {error}); {fix}.") from None
 
 
 def move_files_into(staging: str | os.PathLike, target: str | os.PathLike) -> list[str]:

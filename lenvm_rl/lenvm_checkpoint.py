@@ -228,7 +228,9 @@ def save_lenvm_directory(target: str | os.PathLike, write) -> Path:
     that loads as a mixture, and nothing the save did not write is ever deleted.
 
     - `target` does not exist: `write` fills a temporary sibling directory, which one rename makes `target`.
-    - `target` exists (a previous checkpoint, a trainer's output directory, a mount point): `write` fills a hidden
+    - `target` exists (a previous checkpoint, a trainer's output directory, a mount point): a save that would replace
+      a model file (weights, `config.json`) that no earlier LenVM save listed is refused: it belongs to another model.
+      Otherwise `write` fills a hidden
       temporary directory *inside* `target` (same file system, so renames work on a mount point too). A marker file
       `SAVE_IN_PROGRESS_NAME` is created, each written file is renamed over its old version, files that the previous
       lenvm-rl save listed in its manifest and this save no longer writes are removed, and the marker is removed last.
@@ -256,6 +258,17 @@ def save_lenvm_directory(target: str | os.PathLike, write) -> Path:
             os.replace(staging, target)
             return target
         previous = _manifest(target)
+        clobbered = [
+            name
+            for name in files
+            if name not in previous and (_is_weight_file(name) or name == "config.json") and (target / name).is_file()
+        ]
+        if clobbered:
+            raise ValueError(
+                f"Refusing to save a LenVM into {target}: it holds {clobbered[:6]}, which no earlier LenVM save wrote "
+                "there (another model's files, e.g. the policy the LenVM was initialised from), and the save would "
+                "replace them. Save into another directory (--output_dir)."
+            )
         marker = target / SAVE_IN_PROGRESS_NAME
         marker.write_text("A lenvm-rl save into this directory did not finish; save again.\n")
         for name in files:

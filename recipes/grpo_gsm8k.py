@@ -14,6 +14,9 @@ reward) and `soft_overlong_cache` (TRL's `get_soft_overlong_punishment`, DAPO eq
 `soft_overlong_max_length`, by default the generation cap; a shorter one makes it a length target). With
 `num_eval_problems > 0`, the main process samples one completion per held-out problem before and after training and
 writes `results.json` (accuracy, mean completion tokens, fraction cut at the length cap) next to the saved policy.
+`output_dir/run_manifest.json` records the run ([`~lenvm_rl.run_manifest.start_run`]): a restart with the same config
+and inputs resumes from the last complete checkpoint, a finished run is left as it is (`--reevaluate` evaluates its
+saved policy again), another config or other inputs are refused (`--overwrite_output_dir` moves the old run aside).
 """
 
 import json
@@ -32,9 +35,10 @@ from lenvm_rl.configs import GRPOScriptArguments
 from lenvm_rl.data import check_prompt_format, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
-from lenvm_rl.io import write_json_atomic
+from lenvm_rl.io import read_json, write_json_atomic
 from lenvm_rl.lenvm_checkpoint import read_lenvm_config
 from lenvm_rl.rewards import gsm8k_accuracy_reward, kimi_length_reward, length_penalty_reward
+from lenvm_rl.run_manifest import start_run
 from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 
@@ -68,6 +72,21 @@ class CheckpointedGRPOTrainer(CompleteCheckpointsMixin, GRPOTrainer):
 
 
 def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model_args: ModelConfig):
+    results_path = os.path.join(training_args.output_dir, "results.json")
+    run = start_run(
+        training_args.output_dir,
+        "grpo_gsm8k",
+        config={"script_args": script_args, "training_args": training_args, "model_args": model_args},
+        inputs={
+            "model_name_or_path": model_args.model_name_or_path,
+            "lenvm_model_name_or_path": training_args.lenvm_model_name_or_path,
+            "dataset_name": script_args.dataset_name,
+        },
+        overwrite=script_args.overwrite_output_dir,
+        reevaluate=script_args.reevaluate,
+    )
+    if run.done:
+        return None, _read_results(results_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     train_dataset = load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
     if script_args.max_train_samples is not None:
@@ -116,6 +135,18 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
                 results["before"] = _evaluate(model, tokenizer, eval_dataset, script_args, training_args)
             PartialState().wait_for_everyone()
 
+    if run.reevaluate:  # the trained policy saved in output_dir, evaluated again
+        if evaluate:
+            results = {**_read_results(results_path), **results}
+            policy = AutoModelForCausalLM.from_pretrained(training_args.output_dir, **model_kwargs)
+            with gathered_parameters(policy.parameters()):
+                if is_main_process:
+                    results["after"] = _evaluate(policy, tokenizer, eval_dataset, script_args, training_args)
+                    write_json_atomic(results_path, results)
+                PartialState().wait_for_everyone()
+        run.complete()
+        return None, results
+
     uses_length_critic = training_args.lenvm_model_name_or_path or training_args.lenvm_init == "policy"
     trainer_class = LenVMGRPOTrainer if uses_length_critic else CheckpointedGRPOTrainer
     trainer = trainer_class(
@@ -162,10 +193,17 @@ def main(script_args: GRPOScriptArguments, training_args: LenVMGRPOConfig, model
             distributed_type=str(trainer.accelerator.distributed_type),
             last_log=last_logs[-1] if last_logs else {},
         )
-        write_json_atomic(os.path.join(training_args.output_dir, "results.json"), results)
+        write_json_atomic(results_path, results)
         logger.info("results: %s", json.dumps(results))
     trainer.accelerator.wait_for_everyone()
+    run.complete()
     return trainer, results
+
+
+def _read_results(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    return read_json(path, fix="restore it, or re-run with --reevaluate to evaluate the saved policy again")
 
 
 def _evaluate(model, tokenizer, dataset, script_args, training_args) -> dict:

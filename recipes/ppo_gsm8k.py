@@ -24,8 +24,11 @@ takes longer than its default 30 minutes). `output_dir/results.json`:
      "train": {"seconds", "global_step", ...},   # this invocation's training
      "config": {"script_args", "training_args", "model_args"}}
 
-A run restarted in the same `output_dir` resumes from its last `checkpoint-*` (or `resume_from_checkpoint`), and
-reuses the start evaluation already in `results.json` when its `eval_settings` are unchanged.
+`output_dir/run_manifest.json` records the run ([`~lenvm_rl.run_manifest.start_run`]). A run restarted in the same
+`output_dir` with the same config and inputs resumes from its last complete `checkpoint-*` (or
+`resume_from_checkpoint`) and reuses the start evaluation already in `results.json`; a finished run is left as it is
+(`--reevaluate` evaluates its saved policy again); another config or other inputs are refused (`--overwrite_output_dir`
+moves the old run aside).
 """
 
 import json
@@ -46,9 +49,10 @@ from lenvm_rl.configs import PPOScriptArguments
 from lenvm_rl.data import check_prompt_format, load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.distributed import end_launched_process, gathered_parameters
 from lenvm_rl.evaluation import evaluate_gsm8k
-from lenvm_rl.io import write_json_atomic
+from lenvm_rl.io import read_json, write_json_atomic
 from lenvm_rl.lenvm_checkpoint import read_lenvm_config
 from lenvm_rl.rewards import gsm8k_accuracy_reward, gsm8k_format_reward
+from lenvm_rl.run_manifest import start_run
 from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 
@@ -60,6 +64,22 @@ RESULTS_NAME = "results.json"
 def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_args: ModelConfig) -> dict:
     """Train, save and evaluate; returns the content of `results.json` (evaluations on the main process only)."""
     is_main_process = training_args.process_index == 0  # also sets up the distributed state
+    results_path = os.path.join(training_args.output_dir, RESULTS_NAME)
+    run = start_run(
+        training_args.output_dir,
+        "ppo_gsm8k",
+        config={"script_args": script_args, "training_args": training_args, "model_args": model_args},
+        inputs={
+            "model_name_or_path": model_args.model_name_or_path,
+            "value_model_name_or_path": script_args.value_model_name_or_path,
+            "lenvm_model_name_or_path": training_args.lenvm_model_name_or_path,
+            "dataset_name": script_args.dataset_name,
+        },
+        overwrite=script_args.overwrite_output_dir,
+        reevaluate=script_args.reevaluate,
+    )
+    if run.done:
+        return _read_json(results_path)
     model_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype or "float32"}
     if model_args.attn_implementation:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -102,7 +122,6 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
         training_args.reward_weights = [1.0, script_args.format_reward_weight]
 
     # Start evaluation (main process), reused from an earlier invocation of the same run.
-    results_path = os.path.join(training_args.output_dir, RESULTS_NAME)
     eval_settings = _eval_settings(script_args, training_args, model_args)
     results = {"start": None, "final": None, "eval_settings": eval_settings}
     results["config"] = {
@@ -118,13 +137,29 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
         ):  # sharded under ZeRO-3: every process takes part in gathering it
             if is_main_process:
                 previous = _read_json(results_path)
-                if previous.get("start") and previous.get("eval_settings") == eval_settings:
+                if previous.get("start") and previous.get("eval_settings") == eval_settings and not run.reevaluate:
                     logger.info("Reusing the start evaluation of %s.", results_path)
                     results["start"] = previous["start"]
                 else:
                     results["start"] = _evaluate(policy, tokenizer, eval_dataset, eval_settings)
-                    _write_json(results, results_path)
+                    if not run.reevaluate:
+                        _write_json(results, results_path)
             PartialState().wait_for_everyone()
+    if run.reevaluate:  # the trained policy saved in output_dir, evaluated again; the training record is kept
+        results["train"] = _read_json(results_path).get("train")
+        if eval_dataset is not None:
+            del policy, ref_model, value_model
+            trained = AutoModelForCausalLM.from_pretrained(training_args.output_dir, **model_kwargs)
+            if not is_deepspeed_zero3_enabled():
+                trained.to(training_args.device)
+            with gathered_parameters(trained.parameters()):
+                if is_main_process:
+                    results["final"] = _evaluate(trained, tokenizer, eval_dataset, eval_settings)
+                PartialState().wait_for_everyone()
+        if is_main_process:
+            _write_json(results, results_path)
+        run.complete()
+        return results
 
     # Training, resumed from the last checkpoint of output_dir if there is one.
     trainer = LenVMPPOTrainer(
@@ -169,6 +204,7 @@ def main(script_args: PPOScriptArguments, training_args: LenVMPPOConfig, model_a
         _write_json(results, results_path)
         logger.info("Wrote %s", results_path)
     trainer.accelerator.wait_for_everyone()
+    run.complete()
     return results
 
 
@@ -211,8 +247,7 @@ def _evaluate(model, tokenizer, dataset, settings: dict) -> dict:
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    with open(path) as file:
-        return json.load(file)
+    return read_json(path, fix="delete it (the start evaluation is then computed again) or restore it")
 
 
 def _write_json(results: dict, path: str) -> None:

@@ -9,7 +9,9 @@
 
 Reads prompts from GSM8K (`openai/gsm8k` or a local jsonl/parquet with `question` and `answer`; the demo world's
 `data/` directory has the same layout), renders them as chat prompts and writes one record per completion to
-`output_dir` (see `lenvm_rl.rollouts`). Load the result with `lenvm_rl.rollouts.load_rollouts(output_dir)`.
+`output_dir` (see `lenvm_rl.rollouts`). Load the result with `lenvm_rl.rollouts.load_rollouts(output_dir)`. A re-run
+with the same arguments resumes an interrupted sampling and leaves a finished one as it is; other arguments are
+refused (`output_dir/run_manifest.json`, [`~lenvm_rl.run_manifest.start_run`]).
 """
 
 import torch
@@ -20,11 +22,21 @@ from trl import TrlParser
 from lenvm_rl.configs import SampleRolloutsArguments
 from lenvm_rl.data import load_gsm8k, prepare_prompt_dataset
 from lenvm_rl.rollouts import SamplingConfig, sample_rollouts
+from lenvm_rl.run_manifest import start_run
 from lenvm_rl.vllm_engine import make_vllm_engine
 
 
 def main(script_args: SampleRolloutsArguments) -> None:
     state = PartialState()
+    run = start_run(
+        script_args.output_dir,
+        "sample_rollouts",
+        config={"script_args": script_args},
+        inputs={"model_name_or_path": script_args.model_name_or_path, "dataset_name": script_args.dataset_name},
+        overwrite=script_args.overwrite_output_dir,
+    )
+    if run.done:
+        return
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
     if script_args.use_vllm:
         model = make_vllm_engine(
@@ -79,6 +91,7 @@ def main(script_args: SampleRolloutsArguments) -> None:
         num_processes=state.num_processes,
     )
     state.wait_for_everyone()
+    run.complete()
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ in TRL's conversational prompt-completion format, so the loss covers the complet
 LoRA adapter is merged into the base weights at the end (`merge_adapter: true`), so that the RL recipes, the LenVM
 recipes and the evaluators load `output_dir` as a plain model.
 
-A run restarted in the same `output_dir` resumes from its last complete `checkpoint-*`; a directory that already
-holds the final model (`sft_complete.json`, written last) is left as it is, which is what makes
-`recipes/real.sh` resumable.
+`output_dir/run_manifest.json` records the run ([`~lenvm_rl.run_manifest.start_run`]). A run restarted in the same
+`output_dir` with the same config and inputs resumes from its last complete `checkpoint-*`; a finished run (the final
+model and `sft_complete.json` written) is left as it is, which is what makes `recipes/real.sh` resumable; another
+config or other inputs are refused (`--overwrite_output_dir` moves the old run aside).
 """
 
 import logging
@@ -26,8 +27,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
+from lenvm_rl.configs import RunArguments
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
 from lenvm_rl.io import write_json_atomic
+from lenvm_rl.run_manifest import check_model_files_owned, record_model_files, start_run
 from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint
 from lenvm_rl.trainers.lenvm import train_last_decoder_layers
 
@@ -41,9 +44,10 @@ class CheckpointedSFTTrainer(CompleteCheckpointsMixin, SFTTrainer):
 
 
 @dataclass
-class SFTScriptArguments:
+class SFTScriptArguments(RunArguments):
     """
-    Data of [`recipes/sft.py`]: GSM8K-format rows rendered as the RL recipes render their prompts.
+    Data of [`recipes/sft.py`]: GSM8K-format rows rendered as the RL recipes render their prompts (and what to do with
+    an `output_dir` that holds a run, [`~lenvm_rl.configs.RunArguments`]).
 
     Parameters:
         dataset_name (`str`): Hub id or local directory of GSM8K-format `train.jsonl` / `test.jsonl`.
@@ -92,8 +96,14 @@ def sft_dataset(script_args: SFTScriptArguments) -> Dataset:
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> Path:
     output_dir = Path(training_args.output_dir)
-    if (output_dir / COMPLETE_NAME).is_file():
-        logger.warning("%s already holds a finished SFT model (%s): nothing to do.", output_dir, COMPLETE_NAME)
+    run = start_run(
+        output_dir,
+        "sft",
+        config={"script_args": script_args, "training_args": training_args, "model_args": model_args},
+        inputs={"model_name_or_path": model_args.model_name_or_path, "dataset_name": script_args.dataset_name},
+        overwrite=script_args.overwrite_output_dir,
+    )
+    if run.done:
         return output_dir
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
@@ -117,8 +127,10 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     model = trainer.model
     if model_args.use_peft and script_args.merge_adapter:
         model = model.merge_and_unload()
+    check_model_files_owned(output_dir)  # the policy at the top of output_dir: never over another model
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    record_model_files(output_dir)
     write_json_atomic(
         output_dir / COMPLETE_NAME,
         {
@@ -132,6 +144,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             },
         },
     )
+    run.complete()
     return output_dir
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LoadingThePolicy, make_tiny_causal_lm, make_tiny_tokenizer, prompt_check_setup
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig, TrlParser
 
 from lenvm_rl.modeling import LengthValueModel
-from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig
+from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -141,12 +142,25 @@ def test_main_trains_saves_and_writes_results(tiny_world, full_run):
     assert list((output_dir / "runs").rglob("events.out.tfevents.*"))  # report_to: tensorboard
 
 
-def test_restart_resumes_from_the_last_checkpoint_and_reuses_the_start_evaluation(tiny_world, full_run, tmp_path):
+def test_restart_resumes_from_the_last_checkpoint_and_reuses_the_start_evaluation(
+    tiny_world, full_run, tmp_path, monkeypatch
+):
     first_dir, first = full_run
     output_dir = tmp_path / "run"
-    shutil.copytree(first_dir, output_dir)
-    shutil.rmtree(output_dir / "runs")
-    config = write_config(tmp_path / "ppo_tiny.yaml", tiny_world, output_dir, total_episodes=12)  # one more update
+    config = write_config(tmp_path / "ppo_tiny.yaml", tiny_world, output_dir)
+    real_save_checkpoint = LenVMPPOTrainer._save_checkpoint
+
+    def crash_at_step_2(self, model, trial):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("killed before checkpoint-2")
+        return real_save_checkpoint(self, model, trial)
+
+    monkeypatch.setattr(LenVMPPOTrainer, "_save_checkpoint", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(*parse(config))
+    monkeypatch.setattr(LenVMPPOTrainer, "_save_checkpoint", real_save_checkpoint)
+    assert json.loads((output_dir / "run_manifest.json").read_text())["runs"]["ppo_gsm8k"]["state"] == "running"
+
     calls = []
     evaluate = ppo_gsm8k.evaluate_gsm8k
 
@@ -154,26 +168,73 @@ def test_restart_resumes_from_the_last_checkpoint_and_reuses_the_start_evaluatio
         calls.append(1)
         return evaluate(*args, **kwargs)
 
-    ppo_gsm8k.evaluate_gsm8k = counting_evaluate
-    try:
-        results = main(*parse(config))
-    finally:
-        ppo_gsm8k.evaluate_gsm8k = evaluate
+    monkeypatch.setattr(ppo_gsm8k, "evaluate_gsm8k", counting_evaluate)
+    results = main(*parse(config))
     assert len(calls) == 1  # the final policy only: the start evaluation came from results.json
     assert results["start"] == first["start"]
-    assert results["train"]["resumed_from_checkpoint"] == str(output_dir / "checkpoint-2")
-    assert results["train"]["global_step"] == 3
-    resumed_from = policy_weights(output_dir / "checkpoint-2")
-    assert any(not torch.equal(resumed_from[k], v) for k, v in policy_weights(output_dir).items())
+    assert results["train"]["resumed_from_checkpoint"] == str(output_dir / "checkpoint-1")
+    assert results["train"]["global_step"] == 2
+    resumed, uninterrupted = policy_weights(output_dir), policy_weights(first_dir)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # the same run, bit for bit
 
-    # Another evaluation temperature changes the start evaluation's meaning: it is computed again.
-    config = write_config(tmp_path / "ppo_tiny.yaml", tiny_world, output_dir, total_episodes=12, eval_temperature=0.5)
-    ppo_gsm8k.evaluate_gsm8k = counting_evaluate
-    try:
-        results = main(*parse(config))
-    finally:
-        ppo_gsm8k.evaluate_gsm8k = evaluate
-    assert len(calls) == 3 and results["eval_settings"]["temperature"] == 0.5
+
+def test_finished_run_with_new_flags_is_a_no_op(tiny_world, full_run, tmp_path, monkeypatch, caplog):
+    """Re-running a finished run (even with other flags, which are refused) neither trains nor evaluates again."""
+    first_dir, first = full_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_dir, output_dir)
+    before = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file() and p.name != ".run.lock"}
+    monkeypatch.setattr(ppo_gsm8k, "evaluate_gsm8k", None)  # any evaluation would fail
+    with caplog.at_level("WARNING", logger="lenvm_rl.run_manifest"):
+        results = main(*parse(write_config(tmp_path / "same.yaml", tiny_world, output_dir, report_to="tensorboard")))
+    assert "already holds this complete run" in caplog.text and "--reevaluate" in caplog.text
+    assert results == json.loads((first_dir / "results.json").read_text())
+    assert {p: p.read_bytes() for p in before} == before  # nothing written
+
+    changed = write_config(tmp_path / "new.yaml", tiny_world, output_dir, length_coef=0.0, learning_rate=0.1)
+    with pytest.raises(ValueError) as error:
+        main(*parse(changed))
+    message = str(error.value)
+    assert "training_args.length_coef: 0.5 -> 0.0" in message and "training_args.learning_rate: 0.01 -> 0.1" in message
+    assert "--output_dir" in message and "--overwrite_output_dir" in message
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_changed_config_or_inputs_are_refused_and_overwrite_moves_the_run_aside(tiny_world, full_run, tmp_path):
+    first_dir, _ = full_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_dir, output_dir)
+    other_lenvm = tmp_path / "lenvm2"
+    shutil.copytree(tiny_world / "lenvm", other_lenvm)
+    config = write_config(tmp_path / "ppo.yaml", tiny_world, output_dir, eval_temperature=0.5,
+                          lenvm_model_name_or_path=str(other_lenvm))  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        main(*parse(config))
+    message = str(error.value)
+    assert "script_args.eval_temperature: null -> 0.5" in message
+    assert f"inputs.lenvm_model_name_or_path: {tiny_world / 'lenvm'} -> {other_lenvm}" in message
+
+    # The same path holding other weights is another input too.
+    with safe_open(tiny_world / "lenvm" / "value_head.safetensors", framework="pt") as handle:
+        head = {key: handle.get_tensor(key) + 1.0 for key in handle.keys()}
+    save_file(head, other_lenvm / "value_head.safetensors", metadata={"format": "pt"})
+    run_manifest = json.loads((output_dir / "run_manifest.json").read_text())
+    run_manifest["runs"]["ppo_gsm8k"]["inputs"]["lenvm_model_name_or_path"]["path"] = str(other_lenvm)
+    (output_dir / "run_manifest.json").write_text(json.dumps(run_manifest))
+    with pytest.raises(ValueError, match=r"inputs.lenvm_model_name_or_path: the files at .* changed .*value_head"):
+        main(*parse(write_config(tmp_path / "ppo.yaml", tiny_world, output_dir,
+                                 lenvm_model_name_or_path=str(other_lenvm))))  # fmt: skip
+
+    old_policy = policy_weights(output_dir)
+    config = write_config(tmp_path / "ppo.yaml", tiny_world, output_dir, eval_temperature=0.5, num_eval_problems=2,
+                          overwrite_output_dir=True)  # fmt: skip
+    results = main(*parse(config))
+    assert results["eval_settings"]["temperature"] == 0.5 and results["start"]["num_problems"] == 2
+    (aside,) = (output_dir / "superseded").iterdir()
+    assert aside.name.endswith("-ppo_gsm8k")
+    moved = policy_weights(aside)
+    assert all(torch.equal(moved[k], v) for k, v in old_policy.items())  # moved, not deleted
+    assert json.loads((aside / "results.json").read_text()) == json.loads((first_dir / "results.json").read_text())
 
 
 def test_lora_with_a_given_critic_and_a_format_reward(tiny_world, tmp_path):

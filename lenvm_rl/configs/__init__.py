@@ -10,7 +10,7 @@ script arguments reuse their fields by inheritance instead of repeating them, so
 - [`lenvm_rl.configs.evaluation`]: evaluating policies, with and without LenVM guidance.
 """
 
-from .common import null_to_none
+from .common import RunArguments, null_to_none
 from .evaluation import (
     EvalGSM8KArguments,
     EvalLengthControlArguments,
@@ -39,6 +39,7 @@ __all__ = [
     "LengthTokensArguments",
     "PPOScriptArguments",
     "PredictLengthArguments",
+    "RunArguments",
     "SeedSummaryArguments",
     "SampleRolloutsArguments",
     "TrainLenVMScriptArguments",

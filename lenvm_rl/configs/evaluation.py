@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from ..candidates import CONSTRAINT_MODES
 from ..data import DEFAULT_INSTRUCTION
 from ..guidance import CandidateSamplingConfig, GuidanceMode, LengthGuidanceConfig
+from .common import RunArguments
 
 GUIDED_EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -19,7 +20,7 @@ __all__ = [
 
 
 @dataclass
-class GuidedEvalArguments(CandidateSamplingConfig):
+class GuidedEvalArguments(RunArguments, CandidateSamplingConfig):
     """
     The arguments the guided-decoding evaluation recipes share (`recipes/eval_length_control.py`,
     `recipes/eval_tradeoff.py`): the policy and its LenVM, the held-out problems, the candidate set and sampling.
@@ -79,7 +80,7 @@ class GuidedEvalArguments(CandidateSamplingConfig):
 
 
 @dataclass
-class EvalGSM8KArguments:
+class EvalGSM8KArguments(RunArguments):
     """Arguments of `recipes/eval_gsm8k.py`.
 
     Parameters:

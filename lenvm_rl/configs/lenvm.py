@@ -4,7 +4,7 @@
 from dataclasses import dataclass, field
 
 from ..data import DEFAULT_INSTRUCTION
-from .common import null_to_none
+from .common import RunArguments, null_to_none
 
 __all__ = [
     "EvalLengthPredictionArguments",
@@ -16,7 +16,7 @@ __all__ = [
 
 
 @dataclass
-class SampleRolloutsArguments:
+class SampleRolloutsArguments(RunArguments):
     """Arguments of `recipes/sample_rollouts.py`."""
 
     model_name_or_path: str = field(metadata={"help": "Policy to sample from (hub id or local path)."})
@@ -61,7 +61,7 @@ class SampleRolloutsArguments:
 
 
 @dataclass
-class TrainLenVMScriptArguments:
+class TrainLenVMScriptArguments(RunArguments):
     """Data arguments of `recipes/train_lenvm.py`."""
 
     train_rollouts: str = field(metadata={"help": "Rollout directory (or jsonl file) written by sample_rollouts."})
@@ -72,7 +72,7 @@ class TrainLenVMScriptArguments:
 
 
 @dataclass
-class EvalLengthPredictionArguments:
+class EvalLengthPredictionArguments(RunArguments):
     """Arguments of `recipes/eval_length_prediction.py`.
 
     Parameters:
@@ -152,7 +152,7 @@ class PredictLengthArguments:
 
 
 @dataclass
-class LengthTokensArguments:
+class LengthTokensArguments(RunArguments):
     """Arguments of `recipes/length_tokens.py`.
 
     Parameters:

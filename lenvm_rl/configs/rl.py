@@ -3,13 +3,13 @@
 from dataclasses import dataclass, field
 
 from ..data import DEFAULT_INSTRUCTION
-from .common import null_to_none
+from .common import RunArguments, null_to_none
 
 __all__ = ["AblationArguments", "GRPOScriptArguments", "GSM8KScriptArguments", "PPOScriptArguments"]
 
 
 @dataclass
-class GSM8KScriptArguments:
+class GSM8KScriptArguments(RunArguments):
     """
     The data arguments shared by the RL recipes (`recipes/ppo_gsm8k.py`, `recipes/grpo_gsm8k.py`): where the
     GSM8K-format problems come from and how they become chat prompts ([`load_gsm8k`], [`prepare_prompt_dataset`]).

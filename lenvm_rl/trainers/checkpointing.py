@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..io import write_json_atomic
+from ..run_manifest import check_model_files_owned, record_model_files
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,16 @@ class CompleteCheckpointsMixin:
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # The final model goes to the top of output_dir: never over model files that lenvm-rl did not save there (the
+        # policy the run started from, another run's model). Checkpoints (internal calls) go to fresh folders.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not _internal_call:
+            check_model_files_owned(output_dir)  # read-only, on every process: they all raise or none does
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            record_model_files(output_dir)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:
