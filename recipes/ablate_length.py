@@ -277,7 +277,7 @@ def run_all(args: AblationArguments, rows: dict[str, dict]) -> None:
             name, seed = pending.pop(0)
             run_dir = _run_dir(args, name, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
-            log_path = run_dir / "log.txt"
+            log_path = run_dir.with_name(f"{run_dir.name}.log")  # next to the run: its directory holds the run only
             with log_path.open("a") as log:
                 command = _command(args, rows[name]["flags"], seed, run_dir)
                 process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
@@ -289,7 +289,7 @@ def run_all(args: AblationArguments, rows: dict[str, dict]) -> None:
             if process.poll() is None:
                 continue
             running.remove(entry)
-            error = run_error(args, rows[name], process.returncode, log_path.parent)
+            error = run_error(args, rows[name], process.returncode, _run_dir(args, name, seed))
             if error is not None:
                 for _, _, other, _ in running:
                     other.terminate()

@@ -23,7 +23,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 from lenvm_rl.configs import EvalGSM8KArguments
-from lenvm_rl.evaluation import evaluate_gsm8k, format_tradeoff_table, load_eval_problems, write_tradeoff_results
+from lenvm_rl.evaluation import (
+    evaluate_gsm8k,
+    format_tradeoff_table,
+    load_eval_problems,
+    start_evaluation,
+    write_tradeoff_results,
+)
 from lenvm_rl.io import write_json_atomic
 from lenvm_rl.length_metrics import token_budget_curve
 
@@ -41,6 +47,10 @@ def load_policy(name_or_path: str, dtype: str = "float32"):
 
 
 def main(script_args: EvalGSM8KArguments) -> dict:
+    inputs = {f"model_name_or_path[{i}]": path for i, path in enumerate(script_args.model_name_or_path)}
+    run, finished = start_evaluation(script_args, RESULTS_NAME, {**inputs, "dataset_name": script_args.dataset_name})
+    if finished is not None:
+        return finished
     if script_args.num_threads is not None:
         torch.set_num_threads(script_args.num_threads)
     dataset = load_eval_problems(
@@ -96,6 +106,7 @@ def main(script_args: EvalGSM8KArguments) -> dict:
         write_json_atomic(script_args.summary_file, summary)
     print(format_tradeoff_table(results))
     print(f"Wrote {json_path} and {png_path}")
+    run.complete()
     return results
 
 

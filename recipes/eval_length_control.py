@@ -27,7 +27,7 @@ import torch
 from trl import TrlParser
 
 from lenvm_rl.configs import EvalLengthControlArguments
-from lenvm_rl.evaluation import load_guided_eval, write_results
+from lenvm_rl.evaluation import load_guided_eval, start_evaluation, write_results
 from lenvm_rl.guidance import guided_generate_completions
 from lenvm_rl.length_metrics import length_deviation, length_score
 from lenvm_rl.rewards import extract_gsm8k_answer
@@ -72,6 +72,10 @@ def decode_answers(tokenizer, completions):
 
 
 def main(script_args: EvalLengthControlArguments) -> dict:
+    inputs = {key: getattr(script_args, key) for key in ("policy_path", "lenvm_path", "dataset_name")}
+    run_record, finished = start_evaluation(script_args, RESULTS_NAME, inputs)
+    if finished is not None:
+        return finished
     torch.set_num_threads(script_args.num_threads)
     policy, tokenizer, lenvm, dataset = load_guided_eval(script_args)
     prompts = dataset["prompt"]
@@ -116,6 +120,7 @@ def main(script_args: EvalLengthControlArguments) -> dict:
     json_path, png_path = write_results(results, script_args.output_dir, RESULTS_NAME, plot_length_control)
     print(format_table(results))
     print(f"Wrote {json_path} and {png_path}")
+    run_record.complete()
     return results
 
 

@@ -27,6 +27,7 @@ from lenvm_rl.evaluation import (
     evaluate_length_prediction,
     format_length_prediction_table,
     plot_length_prediction,
+    start_evaluation,
     write_results,
 )
 from lenvm_rl.modeling import LengthValueModel
@@ -36,6 +37,10 @@ RESULTS_NAME = "eval_length_prediction"  # eval_length_prediction.json and eval_
 
 
 def main(script_args: EvalLengthPredictionArguments) -> dict:
+    inputs = {key: getattr(script_args, key) for key in ("lenvm_path", "eval_rollouts", "train_rollouts")}
+    run, finished = start_evaluation(script_args, RESULTS_NAME, inputs)
+    if finished is not None:
+        return finished
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).to(device)
     train_dataset = _load_records(script_args.train_rollouts) if script_args.train_rollouts else None
@@ -53,6 +58,7 @@ def main(script_args: EvalLengthPredictionArguments) -> dict:
     json_path, png_path = write_results(results, script_args.output_dir, RESULTS_NAME, plot_length_prediction)
     print(format_length_prediction_table(results))
     print(f"Wrote {json_path} and {png_path}")
+    run.complete()
     return results
 
 

@@ -22,7 +22,7 @@ import torch
 from trl import TrlParser
 
 from lenvm_rl.configs import EvalTradeoffArguments
-from lenvm_rl.evaluation import accuracy_length_stats, load_guided_eval, write_tradeoff_results
+from lenvm_rl.evaluation import accuracy_length_stats, load_guided_eval, start_evaluation, write_tradeoff_results
 from lenvm_rl.guidance import guided_generate_completions
 from lenvm_rl.length_metrics import token_budget_curve
 from lenvm_rl.rewards import extract_gsm8k_answer
@@ -31,6 +31,10 @@ RESULTS_NAME = "tradeoff"  # tradeoff.json and tradeoff.png
 
 
 def main(script_args: EvalTradeoffArguments) -> dict:
+    inputs = {key: getattr(script_args, key) for key in ("policy_path", "lenvm_path", "dataset_name")}
+    run_record, finished = start_evaluation(script_args, RESULTS_NAME, inputs)
+    if finished is not None:
+        return finished
     torch.set_num_threads(script_args.num_threads)
     policy, tokenizer, lenvm, dataset = load_guided_eval(script_args)
     prompts = [p for p in dataset["prompt"] for _ in range(script_args.num_samples)]
@@ -96,6 +100,7 @@ def main(script_args: EvalTradeoffArguments) -> dict:
             f"{p['budget_accuracy_at_same_tokens']:>11.3f}"
         )
     print(f"Wrote {json_path} and {png_path}")
+    run_record.complete()
     return results
 
 

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from trl import TrlParser
 
 from lenvm_rl.configs import LengthTokensArguments
+from lenvm_rl.evaluation import start_evaluation
 from lenvm_rl.io import write_json_atomic, write_text_atomic
 from lenvm_rl.length_tokens import (
     completion_td_residuals,
@@ -32,6 +33,8 @@ from lenvm_rl.length_tokens import (
 )
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.rollouts import load_rollouts
+
+OUTPUTS = ["length_tokens.json", "length_tokens.csv", "length_tokens.png", "completion.html"]
 
 
 @torch.no_grad()
@@ -54,6 +57,10 @@ def state_values_of(lenvm, records, batch_size: int) -> list[torch.Tensor]:
 
 
 def main(script_args: LengthTokensArguments) -> dict:
+    inputs = {key: getattr(script_args, key) for key in ("lenvm_path", "rollouts", "tokenizer_path")}
+    run, finished = start_evaluation(script_args, "length_tokens", inputs, outputs=OUTPUTS)
+    if finished is not None:
+        return finished
     lenvm = LengthValueModel.from_pretrained(script_args.lenvm_path, gamma=script_args.gamma).eval()
     tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_path or script_args.lenvm_path)
     path = Path(script_args.rollouts)
@@ -128,6 +135,7 @@ def main(script_args: LengthTokensArguments) -> dict:
         for r in results[direction]:
             print(f"{r['token']!r:<16} {r['count']:>6} {r[direction]:>9} {r['rate']:>6.2f} {r['mean_delta']:>11.4f}")
     print(f"\nWrote {output_dir}/length_tokens.{{json,csv,png}} and {output_dir}/completion.html")
+    run.complete()
     return results
 
 

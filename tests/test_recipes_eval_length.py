@@ -1,5 +1,6 @@
 """Length-prediction evaluation: `lenvm_rl.evaluation` against direct forwards, and the recipe end to end."""
 
+import copy
 import json
 import logging
 import sys
@@ -159,6 +160,20 @@ def test_eval_length_prediction_recipe(tmp_path, lenvm, capsys):
     assert table in capsys.readouterr().out
     rule = next(line for line in table.splitlines() if line.startswith("prompts in the MRE"))
     assert rule.endswith("those with >= 2 finished completions (0 left out)")  # the paper's rule, said
+
+    # The finished evaluation is not run again; a retrained LenVM at the same path is another evaluation.
+    stamp = (tmp_path / "out" / "eval_length_prediction.json").stat().st_mtime_ns
+    assert main(args) == results
+    retrained = copy.deepcopy(lenvm)
+    with torch.no_grad():
+        retrained.v_head.summary.bias.add_(0.5)
+    retrained.save_pretrained(lenvm_dir)
+    with pytest.raises(ValueError, match=r"inputs.lenvm_path: the files at .*lenvm changed .*value_head"):
+        main(args)
+    assert (tmp_path / "out" / "eval_length_prediction.json").stat().st_mtime_ns == stamp
+    args.overwrite_output_dir = True
+    assert main(args)["prompt_mre"] != results["prompt_mre"]
+    assert (tmp_path / "out" / "superseded").is_dir()
 
 
 def test_eval_length_prediction_arguments_from_yaml(tmp_path):

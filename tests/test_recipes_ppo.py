@@ -311,6 +311,10 @@ def test_accelerate_launch_ddp(tiny_world, tmp_path):
     launch("cpu_ddp.yaml", config, use_cpu=True)
     check_two_process_run(output_dir, "DistributedType.MULTI_CPU")
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "value_model").is_dir()
+    # Launched again, both processes read the finished run from its manifest and end without training.
+    written = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*") if p.is_file() and p.name != ".run.lock"}
+    launch("cpu_ddp.yaml", config, use_cpu=True)
+    assert {p: p.stat().st_mtime_ns for p in written} == written
 
 
 @pytest.mark.distributed

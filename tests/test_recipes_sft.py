@@ -75,9 +75,11 @@ def test_trains_the_last_layers_only_and_saves_a_finished_model(tiny_world, tmp_
     assert moved and all(name.startswith(last) or name == "model.norm.weight" for name in moved)
     assert json.loads((output_dir / COMPLETE_NAME).read_text())["global_step"] == 2
 
-    # A finished directory is left as it is (recipes/real.sh re-runs every step).
+    # A finished directory is left as it is (recipes/real.sh re-runs every step); another config is refused.
     stamp = (output_dir / "model.safetensors").stat().st_mtime_ns
-    main(*parse(tiny_world, output_dir, "--learning_rate", "1.0"))
+    assert main(*parse(tiny_world, output_dir, "--trainable_layers", "1")) == output_dir
+    with pytest.raises(ValueError, match="training_args.learning_rate: 0.01 -> 1.0"):
+        main(*parse(tiny_world, output_dir, "--trainable_layers", "1", "--learning_rate", "1.0"))
     assert (output_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 

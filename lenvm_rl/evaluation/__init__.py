@@ -7,7 +7,8 @@
   plot and table.
 - [`lenvm_rl.evaluation.guided`]: [`load_guided_eval`], the policy, LenVM and problems of a guided-decoding
   evaluation.
-- [`lenvm_rl.evaluation.results`]: [`write_results`], an evaluation's JSON and its figure side by side.
+- [`lenvm_rl.evaluation.results`]: [`write_results`], an evaluation's JSON and its figure side by side, and
+  [`start_evaluation`], the run that records them.
 """
 
 from .gsm8k import (
@@ -20,7 +21,7 @@ from .gsm8k import (
 )
 from .guided import load_guided_eval
 from .length_prediction import evaluate_length_prediction, format_length_prediction_table, plot_length_prediction
-from .results import write_results
+from .results import start_evaluation, write_results
 
 __all__ = [
     "accuracy_length_stats",
@@ -32,6 +33,7 @@ __all__ = [
     "load_guided_eval",
     "plot_length_prediction",
     "plot_tradeoff",
+    "start_evaluation",
     "write_results",
     "write_tradeoff_results",
 ]
