@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
 from conftest import make_rollout_records, make_tiny_causal_lm, make_tiny_tokenizer
+from datasets import Dataset
 from safetensors.torch import load_file
 from trl import ModelConfig, TrlParser
 
