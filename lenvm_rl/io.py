@@ -5,10 +5,13 @@ write goes to a temporary file in the target's directory (same file system, so t
 atomic rename), is flushed and fsynced, and only then renamed over the target. A crash leaves either the old file
 or the new one, never a truncated mixture, and the temporary file is removed on any error.
 
+A full disk is an `OSError` (`ENOSPC`) that names the file being written (the bare one names none).
+
 ``tempfile.mkstemp`` creates files readable by their owner only (0600); the helpers give the result the
 permissions a plain ``open(path, "w")`` would (0666 minus the umask), so results stay readable by a team.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -62,8 +65,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             os.fsync(file.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # the bare error names no file
+            kept = "its previous version is intact" if path.exists() else "no partial file was left"
+            raise OSError(
+                errno.ENOSPC, f"no space left on device while writing {path}; {kept}. Free space and run again."
+            ) from error
         raise
     return path
 

@@ -142,7 +142,7 @@ def fingerprint_path(path: str | os.PathLike) -> dict:
             chunks = sorted(path.glob("shard-*/chunk-*.jsonl"))
             return {
                 "path": path_str,
-                "rollouts_layout": read_json(path / "rollouts_layout.json"),
+                "rollouts_layout": read_json(path / "rollouts_layout.json", fix="restore it, or sample again"),
                 "chunks": {str(chunk.relative_to(path)): chunk.stat().st_size for chunk in chunks},
             }
         return {"path": path_str, "files": {name: _file_fingerprint(path / name) for name in _input_files(path)}}

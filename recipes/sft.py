@@ -31,7 +31,7 @@ from lenvm_rl.configs import RunArguments
 from lenvm_rl.data import load_gsm8k, make_conversational_prompt
 from lenvm_rl.io import write_json_atomic
 from lenvm_rl.run_manifest import check_model_files_owned, record_model_files, start_run
-from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint
+from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin, last_complete_checkpoint, naming_disk_full
 from lenvm_rl.trainers.lenvm import train_last_decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     if model_args.use_peft and script_args.merge_adapter:
         model = model.merge_and_unload()
     check_model_files_owned(output_dir)  # the policy at the top of output_dir: never over another model
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    with naming_disk_full(output_dir, output_dir):
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
     record_model_files(output_dir)
     write_json_atomic(
         output_dir / COMPLETE_NAME,

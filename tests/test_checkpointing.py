@@ -1,5 +1,8 @@
 """lenvm_rl.trainers.checkpointing: a checkpoint killed while being written is skipped by every resume path."""
 
+import errno
+import io
+import json
 import logging
 import os
 import shutil
@@ -9,7 +12,12 @@ import torch
 from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
 
-from lenvm_rl.trainers.checkpointing import CHECKPOINT_COMPLETE_NAME, last_complete_checkpoint
+from lenvm_rl.trainers.checkpointing import (
+    CHECKPOINT_COMPLETE_NAME,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    naming_disk_full,
+)
 from lenvm_rl.trainers.ppo import PPOConfig, PPOTrainer
 
 
@@ -103,3 +111,49 @@ def test_older_checkpoints_are_rotated_out_only_after_the_new_one_is_complete(tm
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-1")
+
+
+def test_a_marked_checkpoint_whose_files_were_truncated_is_skipped(tmp_path, caplog):
+    """The marker records every file's size and safetensors header: a checkpoint cut short after it was marked (a
+    copy that stopped, a disk that filled) is skipped like a half-written one, naming the file."""
+    make_trainer(tmp_path / "run", total_episodes=4).train()
+    weights = tmp_path / "run" / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-1")
+    assert f"{weights} has {weights.stat().st_size} bytes" in caplog.text
+    with pytest.raises(ValueError, match=rf"checkpoint-2 is not a complete checkpoint \({weights} has"):
+        make_trainer(tmp_path / "run", total_episodes=4).train(resume_from_checkpoint=str(weights.parent))
+
+    # Same size, another header (the file of another checkpoint copied over it).
+    marker = json.loads((tmp_path / "run" / "checkpoint-1" / CHECKPOINT_COMPLETE_NAME).read_text())
+    assert marker["files"]["model.safetensors"]["safetensors_header_sha256"]
+    other = tmp_path / "run" / "checkpoint-1" / "value_model" / "model.safetensors"
+    with open(other, "r+b") as file:
+        file.seek(10)
+        file.write(b"X")
+    assert "has another safetensors header" in checkpoint_problem(tmp_path / "run" / "checkpoint-1")
+
+
+class FullDiskFile(io.BytesIO):
+    """A file on a full disk: every write fails with ENOSPC, as the kernel reports it (a real full file system is
+    tests/test_fault_injection.py's, which needs a tmpfs mount)."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_file_and_the_intact_previous_checkpoint(tmp_path):
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / CHECKPOINT_COMPLETE_NAME).write_text('{"global_step": 1}')
+    with pytest.raises(OSError) as error:
+        with naming_disk_full(tmp_path / "checkpoint-2", tmp_path):
+            torch.save({"exp_avg": torch.zeros(1000)}, FullDiskFile())
+    assert error.value.errno == errno.ENOSPC
+    assert str(error.value).startswith(
+        f"[Errno 28] no space left on device while writing {tmp_path / 'checkpoint-2'}; the previous checkpoint "
+        f"{tmp_path / 'checkpoint-1'} is intact."
+    )
+    with pytest.raises(KeyError):  # anything else passes through
+        with naming_disk_full(tmp_path / "checkpoint-2", tmp_path):
+            {}["missing"]

@@ -1,5 +1,7 @@
 """Fault injection: sampling, LenVM training and PPO are killed (SIGKILL) at random times and in the middle of writing
 a checkpoint, restarted, and must end with exactly the outputs of an uninterrupted run, nothing lost or duplicated.
+A second run started into a running one's directory is refused, a killed run restarted with another config is refused,
+and a disk that fills while a checkpoint is written names it and leaves the previous one to resume from.
 
 Each job runs `tests/scripts/fault_injection_job.py` in a subprocess on tiny offline models (one CPU thread, so runs
 are bit-for-bit reproducible). About 3 minutes on 2 cores: marked `slow` (`make test-slow`).
@@ -96,14 +98,22 @@ def configs(world, output_dir: Path) -> dict[str, dict]:
     }
 
 
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items()))
+    return path
+
+
+def start(job: str, config: dict, path: Path, *flags: str) -> subprocess.Popen:
+    """Start one job with its config written to `path`, its output to `path` with the suffix `.log`."""
+    command = [sys.executable, str(JOB), job, "--config", str(write_yaml(path, config)), *flags]
+    log = path.with_suffix(".log").open("a")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+
+
 def run(job: str, config: dict, path: Path, kill_in_checkpoint=None, kill_after=None) -> bool:
     """Run one job; True if it finished, False if it was killed (by injection or after `kill_after` seconds)."""
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items()))
-    command = [sys.executable, str(JOB), job, "--config", str(path)]
-    if kill_in_checkpoint is not None:
-        command += ["--kill_in_checkpoint", str(kill_in_checkpoint)]
-    log = path.with_suffix(".log").open("a")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    flags = [] if kill_in_checkpoint is None else ["--kill_in_checkpoint", str(kill_in_checkpoint)]
+    process = start(job, config, path, *flags)
     try:
         process.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
@@ -163,3 +173,73 @@ def test_killed_and_restarted_runs_equal_an_uninterrupted_one(world, references,
     if seed == 0:
         assert killed >= 1  # the injected kill always fires
     assert same(outputs(job, output_dir), reference[job])
+
+
+def test_a_second_run_into_a_running_ones_directory_is_refused(world, references, tmp_path):
+    reference, _ = references
+    output_dir = tmp_path / "run"
+    config = configs(world, output_dir)["ppo"]
+    first = start("ppo", config, tmp_path / "first.yaml")
+    while not (output_dir / "run_manifest.json").is_file():  # the first run holds the directory from here on
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run, the lock still held
+    try:
+        second = start("ppo", config, tmp_path / "second.yaml")
+        assert second.wait(timeout=600) == 1
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert f"being written by another process (PID {first.pid} on host" in (tmp_path / "second.log").read_text()
+    assert first.wait(timeout=600) == 0
+    assert same(outputs("ppo", output_dir), reference["ppo"])  # the second run changed nothing
+    assert run("ppo", config, tmp_path / "again.yaml")  # once it ended, a start finds the finished run: a no-op
+    assert "nothing to do" in (tmp_path / "again.log").read_text()
+
+
+def test_a_killed_run_restarted_with_another_config_is_refused(world, references, tmp_path):
+    reference, _ = references
+    output_dir = tmp_path / "run"
+    config = configs(world, output_dir)["train_lenvm"]
+    assert not run("train_lenvm", config, tmp_path / "killed.yaml", kill_in_checkpoint=2)
+    assert start("train_lenvm", {**config, "learning_rate": 2.0e-3}, tmp_path / "changed.yaml").wait() == 1
+    log = (tmp_path / "changed.log").read_text()
+    assert "training_args.learning_rate: 0.001 -> 0.002" in log and "--overwrite_output_dir" in log
+    assert run("train_lenvm", config, tmp_path / "final.yaml")  # the original config resumes it
+    assert same(outputs("train_lenvm", output_dir), reference["train_lenvm"])
+
+
+def can_mount_a_tmpfs(tmp_path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    command = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {probe}"]
+    try:
+        return subprocess.run(command, capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_run_resumes_once_space_is_freed(world, references, tmp_path):
+    """On a real, small file system (a tmpfs in a user namespace) that fills up after the first checkpoint."""
+    if not can_mount_a_tmpfs(tmp_path):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -rm)")
+    reference, _ = references
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    output_dir = disk / "run"
+    config = write_yaml(tmp_path / "lenvm.yaml", configs(world, output_dir)["train_lenvm"])
+    job = f"{sys.executable} {JOB} train_lenvm --config {config}"
+    script = f"""
+        mount -t tmpfs -o size=32m tmpfs {disk} || exit 90
+        {job} --fill_disk_after_checkpoint 1 > {tmp_path / "full.log"} 2>&1 && exit 91
+        rm {disk / "filler"}
+        {job} > {tmp_path / "resumed.log"} 2>&1 || exit 92
+        cp -r {output_dir} {kept}
+    """
+    finished = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True)
+    assert finished.returncode == 0, (finished.returncode, (tmp_path / "full.log").read_text()[-3000:])
+    full = (tmp_path / "full.log").read_text()
+    assert (  # checkpoints every 2 steps and at the last, the 3rd
+        f"no space left on device while writing {output_dir / 'checkpoint-3'}; the previous checkpoint "
+        f"{output_dir / 'checkpoint-2'} is intact"
+    ) in full
+    assert same(outputs("train_lenvm", kept), reference["train_lenvm"])

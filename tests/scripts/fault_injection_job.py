@@ -5,7 +5,9 @@
 `--kill_in_checkpoint N` SIGKILLs this process in the middle of writing its N-th checkpoint (trainers: after the
 model and optimizer, before the RNG state, the trainer state and the completion marker; sampling: after the N-th
 chunk's temporary file is written, before its rename), the worst moment for a crash. Without it the job runs to the
-end, and the test may kill it at a random time instead.
+end, and the test may kill it at a random time instead. `--fill_disk_after_checkpoint N` (trainers) fills the file
+system of the output directory, with a file `filler` next to it, once the N-th checkpoint is complete, so that the
+next write runs out of space.
 """
 
 import argparse
@@ -32,15 +34,41 @@ def die_on_call(owner, name: str, call: int) -> None:
     setattr(owner, name, wrapper)
 
 
+def fill_disk_after_call(call: int) -> None:
+    """After the `call`-th complete checkpoint, write `<output_dir>/../filler` until the file system is full."""
+    from lenvm_rl.trainers.checkpointing import CompleteCheckpointsMixin
+
+    original = CompleteCheckpointsMixin._save_checkpoint
+    calls = {"n": 0}
+
+    def wrapper(self, model, trial):
+        original(self, model, trial)
+        calls["n"] += 1
+        if calls["n"] == call:
+            with open(Path(self.args.output_dir).parent / "filler", "wb", buffering=0) as filler:
+                for block in (2**16, 2**10, 1):  # down to the last byte
+                    try:
+                        while True:
+                            filler.write(bytes(block))
+                    except OSError:
+                        pass
+
+    CompleteCheckpointsMixin._save_checkpoint = wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("job", choices=["sample", "train_lenvm", "ppo"])
     parser.add_argument("--config", required=True)
     parser.add_argument("--kill_in_checkpoint", type=int, default=None)
+    parser.add_argument("--fill_disk_after_checkpoint", type=int, default=None)
     args = parser.parse_args()
+    if args.fill_disk_after_checkpoint is not None:
+        fill_disk_after_call(args.fill_disk_after_checkpoint)
     if args.kill_in_checkpoint is not None:
         if args.job == "sample":
-            die_on_call(os, "replace", args.kill_in_checkpoint + 2)  # the first two publish the config and layout
+            # The first three renames publish the run manifest, the sampling config and the layout.
+            die_on_call(os, "replace", args.kill_in_checkpoint + 3)
         else:
             from transformers import Trainer
 
