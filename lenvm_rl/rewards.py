@@ -5,10 +5,12 @@ TRL's GRPO/RLOO trainers call every reward function as `func(prompts=..., comple
 `rewards/gsm8k_accuracy_reward/mean` and `rewards/gsm8k_format_reward/mean`. Completions arrive as strings
 (standard format) or as lists of chat messages (conversational format); both are accepted.
 
-Everything here is pure Python (`re` only): no torch, no tokenizer.
+Everything here is pure Python (`re`, `fractions`, `unicodedata`): no torch, no tokenizer.
 """
 
 import re
+import unicodedata
+from fractions import Fraction
 
 __all__ = [
     "extract_gsm8k_answer",
@@ -19,12 +21,17 @@ __all__ = [
 ]
 
 # A number as written in prose or LaTeX: an optional sign (not read as a minus when glued to a preceding word,
-# digit or bracket, so "3-5" is 5), an optional `$`/`\$` (the sign may also follow it: "$-5"), digits with
-# optional thousands commas, an optional decimal part. `%`, units and a sentence-ending "." are simply not matched.
+# digit or bracket, so "3-5" is 5), an optional `$`/`\$` (the sign may also follow it: "$-5"), an integer part whose
+# thousands are grouped by commas or by spaces ("1,000", "1 000"; groups of exactly 3 digits), an optional decimal
+# part after a `.` or a decimal comma ("12,5": a comma not followed by a group of 3 digits), an optional exponent
+# ("5e3") and an optional denominator ("1/2"). `%`, units and a sentence-ending "." are simply not matched.
 _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])(?P<sign>[-+\u2212]))?"
     r"(?:\\?\$(?P<dollar_sign>[-+\u2212])?)?"
-    r"(?P<digits>\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)"
+    r"(?:(?P<integer>\d{1,3}(?:,\d{3}(?!\d))+|\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3}(?!\d))+|\d+)"
+    r"(?:[.,](?P<decimals>\d+))?|\.(?P<bare_decimals>\d+))"
+    r"(?:[eE](?P<exponent>[-+\u2212]?\d{1,3})(?![\w.]))?"
+    r"(?:/(?P<denominator>\d+)(?![\d.,/]))?"
 )
 # Final-answer markers, strongest first. `####` is the GSM8K reference format.
 _HASH_MARKER = re.compile(r"####")
@@ -34,14 +41,43 @@ _ANSWER_MARKER = re.compile(r"\banswer\s*(?:is\b|[:=])", re.IGNORECASE)
 _FORMAT_LINE = re.compile(r"####[ \t]*-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
-def _canonical_number(match: re.Match) -> str:
-    """'1,000.50' -> '1000.5', '-018.0' -> '-18', '.5' -> '0.5', '-0' -> '0'."""
-    integer, _, fraction = match["digits"].replace(",", "").partition(".")
-    integer = integer.lstrip("0") or "0"
-    fraction = fraction.rstrip("0")
-    number = f"{integer}.{fraction}" if fraction else integer
-    negative = (match["sign"] or match["dollar_sign"]) in ("-", "\u2212")
-    return f"-{number}" if negative and number != "0" else number
+def _ascii_digits(text: str) -> str:
+    """Every Unicode decimal digit as its ASCII digit: full-width '１８' and Arabic-Indic '١٨' read as '18'."""
+    return "".join(str(unicodedata.decimal(char)) if char.isdecimal() else char for char in text)
+
+
+def _canonical_number(match: re.Match) -> str | None:
+    """The number's exact value as a string: '1,000.50' -> '1000.5', '-018.0' -> '-18', '.5' -> '0.5', '-0' -> '0',
+    '5e3' -> '5000', '2/4' -> '0.5', '1/3' -> '1/3' (a fraction without a finite decimal stays a reduced fraction);
+    `None` for a division by zero."""
+    integer = re.sub(r"\D", "", match["integer"] or "0")
+    decimals = match["decimals"] or match["bare_decimals"] or ""
+    value = Fraction(int(integer + decimals), 10 ** len(decimals))
+    if match["exponent"]:
+        value *= Fraction(10) ** int(match["exponent"].replace("\u2212", "-"))
+    if match["denominator"]:
+        if int(match["denominator"]) == 0:
+            return None
+        value /= int(match["denominator"])
+    if (match["sign"] or match["dollar_sign"]) in ("-", "\u2212"):
+        value = -value
+    return _format_exact(value)
+
+
+def _format_exact(value: Fraction) -> str:
+    """A decimal string when the value has one (its denominator divides a power of 10), else 'p/q'."""
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    rest, powers = value.denominator, {}
+    for prime in (2, 5):
+        powers[prime] = 0
+        while rest % prime == 0:
+            rest, powers[prime] = rest // prime, powers[prime] + 1
+    places = max(powers.values())  # 1 / (2^a 5^b) has max(a, b) decimal places
+    if rest != 1:
+        return f"{sign}{value.numerator}/{value.denominator}"
+    integer, fraction = divmod(int(value * 10**places), 10**places)
+    text = f"{integer}.{fraction:0{places}d}".rstrip("0").rstrip(".") if places else str(integer)
+    return sign + text
 
 
 def _first_number(text: str) -> str | None:
@@ -74,11 +110,17 @@ def extract_gsm8k_answer(text: str) -> str | None:
     3. `The answer is N` / `answer: N` / `answer = N` (case-insensitive): the first number on the rest of the line.
     4. Otherwise the last number anywhere in the text.
 
-    The number is then normalised: thousands commas (and LaTeX `{,}`) are removed, `$`, `\$`, `%`, units and any
-    trailing words or `.` are ignored, a leading `+` is dropped, leading zeros and trailing decimal zeros are
-    removed (`18.0` and `18.00` become `18`, `.5` becomes `0.5`, `-0` becomes `0`), and a minus sign is kept
-    (`-5`, `$-5`, `-$5`; also the Unicode minus). A `-` glued to a preceding word, digit or bracket is read as a
-    hyphen, not a sign (`3-5` gives `5`). Two canonical strings are equal exactly when the numbers are equal.
+    How a number is read: Unicode decimal digits count as their ASCII digits (full-width `１８`, Arabic-Indic `١٨`);
+    thousands may be grouped by commas (and LaTeX `{,}`) or spaces, in groups of exactly 3 digits (`1,000`,
+    `1 000 000`); a comma followed by anything but such a group is a decimal comma (`12,5` is 12.5); an exponent
+    is read (`5e3` is 5000, `2.5e-3` is 0.0025); a fraction of two plain numbers is read as its value (`1/2` is
+    0.5, `24/2` is 12); `$`, `\$`, `%`, units and any trailing words or `.` are ignored. A `-` glued to a
+    preceding word, digit or bracket is read as a hyphen, not a sign (`3-5` gives `5`).
+
+    The canonical string is the number's exact value: a decimal without leading zeros or trailing decimal zeros
+    (`18.0` and `18.00` become `18`, `.5` becomes `0.5`, `-0` becomes `0`, `1/2` becomes `0.5`), or a reduced
+    fraction when it has no finite decimal (`2/6` becomes `1/3`); a minus sign is kept (`-5`, `$-5`, `-$5`; also
+    the Unicode minus). Two canonical strings are equal exactly when the numbers are equal.
 
     Args:
         text (`str`):
@@ -98,10 +140,12 @@ def extract_gsm8k_answer(text: str) -> str | None:
         '-5'
         >>> extract_gsm8k_answer("Half of 3 is 1.50")
         '1.5'
+        >>> extract_gsm8k_answer("#### 1/2"), extract_gsm8k_answer("#### 5e3"), extract_gsm8k_answer("#### １８")
+        ('0.5', '5000', '18')
         >>> extract_gsm8k_answer("I don't know.") is None
         True
     """
-    text = text.replace("{,}", ",")
+    text = _ascii_digits(text.replace("{,}", ","))
     for segment in _marked_segments(text):
         if (number := _first_number(segment)) is not None:
             return number

@@ -76,6 +76,23 @@ def read_gsm8k_rows():
         ("10 - 5", "5"),
         ("x = -3", "-3"),
         ("(-5)", "-5"),
+        # fractions, exponents, space-grouped thousands and decimal commas are read whole, never cut short
+        ("#### 1/2", "0.5"),
+        ("The answer is 3/4 cups.", "0.75"),
+        ("#### 24/2", "12"),
+        ("#### 2/6", "1/3"),
+        ("#### -1/3", "-1/3"),
+        ("#### 5e3", "5000"),
+        ("#### 2.5e-3", "0.0025"),
+        ("#### 1 000", "1000"),
+        ("#### 1 000 000", "1000000"),
+        ("#### 12,5", "12.5"),
+        ("#### 12,50", "12.5"),
+        ("#### 12,500", "12500"),
+        # Unicode digits read as their ASCII digits
+        ("#### \uff11\uff18", "18"),  # full-width
+        ("#### \u0661\u0668", "18"),  # Arabic-Indic
+        ("The answer is \u06f1\u06f8.", "18"),  # Extended Arabic-Indic (Persian)
     ],
 )
 def test_extract_gsm8k_answer(text, expected):
@@ -99,7 +116,7 @@ def test_extract_gsm8k_answer_priority(text, expected):
     assert extract_gsm8k_answer(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "I don't know.", "#### ", r"\boxed{x}", "The answer is seven."])
+@pytest.mark.parametrize("text", ["", "I don't know.", "#### ", r"\boxed{x}", "The answer is seven.", "#### 1/0"])
 def test_extract_gsm8k_answer_none(text):
     assert extract_gsm8k_answer(text) is None
 
@@ -138,6 +155,16 @@ def test_accuracy_reward_trl_signature():
     # TRL logs each reward as `rewards/<__name__>/mean`.
     assert gsm8k_accuracy_reward.__name__ == "gsm8k_accuracy_reward"
     assert gsm8k_format_reward.__name__ == "gsm8k_format_reward"
+
+
+def test_accuracy_reward_reads_unicode_digits_like_the_format_reward():
+    completions = ["3 * 6 = \uff11\uff18\n#### \uff11\uff18", "#### \u0661\u0668"]
+    assert gsm8k_format_reward(completions) == [1.0, 1.0]
+    assert gsm8k_accuracy_reward(completions, ["#### 18", "#### 18"]) == [1.0, 1.0]
+    assert (
+        gsm8k_accuracy_reward(["#### 1/2", "#### 5e3", "#### 1 000", "#### 12,5"], ["0.5", "5000", "1000", "12.5"])
+        == [1.0] * 4
+    )
 
 
 def test_accuracy_reward_rejects_answer_without_number():
