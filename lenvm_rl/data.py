@@ -7,6 +7,7 @@ tokenizer's chat template. The other columns are kept, so `answer` reaches rewar
 """
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -67,7 +68,8 @@ def load_gsm8k(name_or_path: str = "openai/gsm8k", split: str = "train", config_
     Raises:
         `FileNotFoundError`: if `name_or_path` looks like a local path (or names a local directory) but holds no
             file for `split`.
-        `ValueError`: if the data lacks the `question` or `answer` column.
+        `ValueError`: if the data lacks the `question` or `answer` column, holds no rows, or has an `id` column with
+            the same id on several rows (records of sampled completions are keyed by it).
 
     Example:
         >>> from lenvm_rl.data import load_gsm8k
@@ -81,6 +83,9 @@ def load_gsm8k(name_or_path: str = "openai/gsm8k", split: str = "train", config_
         builder = _LOCAL_BUILDERS.get(files[0].suffix)
         if builder is None:
             raise ValueError(f"Cannot read {files[0]}: use a .jsonl, .json or .parquet file.")
+        empty = [file for file in files if _is_blank(file)]
+        if empty:  # the json builder would raise a bare StopIteration
+            raise ValueError(f"{empty[0]} holds no rows: fill it with GSM8K-format rows (question, answer).")
         dataset = load_dataset(builder, data_files=[str(file) for file in files], split="train")
     else:
         dataset = load_dataset(name_or_path, config_name, split=split)
@@ -91,7 +96,26 @@ def load_gsm8k(name_or_path: str = "openai/gsm8k", split: str = "train", config_
             f"GSM8K data from {name_or_path!r} lacks the column(s) {missing} (found {dataset.column_names}); "
             "rename them to 'question' and 'answer'."
         )
+    if len(dataset) == 0:
+        raise ValueError(f"GSM8K data from {name_or_path!r} (split {split!r}) holds no rows.")
+    if "id" in dataset.column_names:
+        counts = Counter(dataset["id"])
+        duplicates = [key for key, count in counts.items() if count > 1]
+        if duplicates:
+            raise ValueError(
+                f"GSM8K data from {name_or_path!r} (split {split!r}) has {len(duplicates)} ids on several rows, e.g. "
+                f"{duplicates[:5]}: every row needs its own id (sampled completions are keyed by it). Make them unique."
+            )
     return dataset
+
+
+def _is_blank(file: Path) -> bool:
+    """A text file with nothing but whitespace in it (read up to its first non-blank bytes)."""
+    with open(file, "rb") as handle:
+        while block := handle.read(2**16):
+            if block.strip():
+                return False
+    return file.suffix != ".parquet"
 
 
 def make_conversational_prompt(

@@ -23,6 +23,7 @@ that emits a stop token or reaches ``max_new_tokens`` leaves the batch.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -85,8 +86,8 @@ class CandidateSamplingConfig:
             raise ValueError(f"--top_k must be at least 1 (the LenVM scores a finite candidate set), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN would sample uniformly
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
@@ -129,6 +130,14 @@ class LengthGuidanceConfig(CandidateSamplingConfig):
     def __post_init__(self):
         if self.mode not in GuidanceMode.__args__:
             raise ValueError(f"--mode must be one of {GuidanceMode.__args__}, got {self.mode!r}")
+        if not math.isfinite(self.beta):  # NaN or inf tilts every candidate alike: uniform sampling from the top-k
+            raise ValueError(
+                f"--beta must be a finite number (negative shortens, 0 is the base model), got {self.beta}"
+            )
+        if self.stop_token_ids is not None and any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids
+        ):
+            raise ValueError(f"--stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids}")
         super().__post_init__()
 
 
@@ -333,11 +342,20 @@ def generate_with_length_guidance(
     if config.mode in CONSTRAINT_MODES:
         if target_lengths is None:
             raise ValueError(f"mode={config.mode!r} needs `target_lengths` (tokens, stop token included).")
-        target_lengths = torch.as_tensor(target_lengths, device=device).long().expand(B).clone()  # (B,)
+        target_lengths = _target_lengths_tensor(target_lengths, B).to(device)  # (B,)
     stop_ids = config.stop_token_ids if config.stop_token_ids is not None else model.generation_config.eos_token_id
     if stop_ids is None:
         raise ValueError("No stop token: set `stop_token_ids` or the policy's generation_config.eos_token_id.")
     stop_ids = torch.as_tensor(stop_ids, device=device).long().reshape(-1)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    if bool(((stop_ids < 0) | (stop_ids >= vocab_size)).any()):  # a stop token the policy can never emit
+        source = (
+            "stop_token_ids" if config.stop_token_ids is not None else "the policy's generation_config.eos_token_id"
+        )
+        raise ValueError(
+            f"{source} holds {stop_ids.tolist()}, outside the policy's vocabulary [0, {vocab_size}): no row would ever "
+            "stop. Pass the policy's stop token ids (--stop_token_ids)."
+        )
     model.eval()
 
     # 1. Prefill the policy and the LenVM on the prompts (padding-aware positions).
@@ -416,6 +434,24 @@ def generate_with_length_guidance(
     )
 
 
+def _target_lengths_tensor(target_lengths, batch_size: int) -> torch.Tensor:
+    """`(B,)` target lengths from one number for every row or one per row; each a whole number of tokens >= 1."""
+    values = torch.as_tensor(target_lengths, dtype=torch.float64)
+    if values.dim() == 0:
+        values = values.expand(batch_size)
+    if values.shape != (batch_size,):
+        raise ValueError(
+            f"target_lengths must be one number or one per row, shape ({batch_size},); got shape {tuple(values.shape)}."
+        )
+    bad = ~torch.isfinite(values) | (values < 1) | (values != values.round())
+    if bool(bad.any()):
+        raise ValueError(
+            f"target_lengths must be whole numbers of tokens >= 1 (the stop token included); got "
+            f"{values[bad].tolist()[:5]} (--target_lengths)."
+        )
+    return values.long()
+
+
 def guided_generate_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -459,6 +495,12 @@ def guided_generate_completions(
         [`GuidedGeneration`]: in the order of `prompts_messages`.
     """
     config = guidance_config or LengthGuidanceConfig()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (--batch_size), got {batch_size}")
+    if target_lengths is not None and len(target_lengths) != len(prompts_messages):
+        raise ValueError(
+            f"target_lengths has {len(target_lengths)} entries for {len(prompts_messages)} prompts: give one per prompt."
+        )
     if lenvm is not None and lenvm_tokenizer is not None:
         check_tokenizers_compatible(tokenizer, lenvm_tokenizer)
     if config.stop_token_ids is None and model.generation_config.eos_token_id is None:

@@ -112,7 +112,9 @@ def tokenize_rollouts(
             "completion_start": len(prompt_ids),
             "completion_length": completion_length,
             "terminated": terminated,
+            # The first target is V(s_0), the value at the prompt's last token: a record without one is dropped.
             "_keep": completion_length > 0 and len(prompt_ids) > 0 and (terminated or include_truncated),
+            "_empty_prompt": len(prompt_ids) == 0,
             "_stop_without_eos": stop_without_eos,
         }
 
@@ -120,17 +122,18 @@ def tokenize_rollouts(
         encode, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing rollouts"
     )
     num_empty = sum(1 for n in examples["completion_length"] if n == 0)
+    num_empty_prompts = sum(examples["_empty_prompt"])
     num_truncated = sum(1 for t in examples["terminated"] if not t)
     num_stop_without_eos = sum(examples["_stop_without_eos"])
     kept = examples.filter(lambda keep: keep, input_columns="_keep", num_proc=num_proc)
-    kept = kept.remove_columns(["_keep", "_stop_without_eos"])
+    kept = kept.remove_columns(["_keep", "_empty_prompt", "_stop_without_eos"])
     summary = (
         f"LenVM examples: {len(kept)} kept of {len(examples)}; {num_truncated} "
         f"({num_truncated / max(len(examples), 1):.0%}) cut at the sampling cap ("
         + ("kept with bootstrapped targets" if include_truncated else "dropped: their true length is unknown")
-        + f"), {num_empty} empty completions dropped."
+        + f"), {num_empty} empty completions and {num_empty_prompts} records with an empty prompt dropped."
     )
-    dropped = num_empty + (0 if include_truncated else num_truncated)
+    dropped = num_empty + num_empty_prompts + (0 if include_truncated else num_truncated)
     (logger.warning if dropped else logger.info)(summary)
     if num_stop_without_eos:
         logger.warning(
@@ -143,7 +146,8 @@ def tokenize_rollouts(
     if len(kept) == 0:
         raise ValueError(
             f"No LenVM training examples left out of {len(examples)} records: {num_truncated} were cut at the sampling "
-            f"cap and {num_empty} were empty. Sample with a larger max_new_tokens or pass include_truncated=True."
+            f"cap, {num_empty} had an empty completion and {num_empty_prompts} an empty prompt. Sample with a larger "
+            "max_new_tokens or pass include_truncated=True."
         )
     return kept
 

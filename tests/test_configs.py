@@ -70,3 +70,46 @@ def test_instruction_null_on_the_command_line_disables_it(arguments_class):
         [*required, "--instruction", "null", "--system_prompt", "None"]
     )
     assert args.instruction is None and args.system_prompt is None
+
+
+# Sizes and counts of 0 (or below a field's minimum) failed later with an error naming neither the flag nor the
+# problem (ZeroDivisionError, StopIteration, `range() arg 3 must not be zero`), or trained on nothing.
+SIZES = [
+    (PPOScriptArguments, {}, "max_train_samples", 0),
+    (PPOScriptArguments, {}, "eval_batch_size", 0),
+    (PPOScriptArguments, {}, "num_eval_problems", -1),
+    (GRPOScriptArguments, {}, "max_train_samples", 0),
+    (GRPOScriptArguments, {}, "eval_batch_size", 0),
+    (SampleRolloutsArguments, {"model_name_or_path": "m", "output_dir": "o"}, "num_prompts", 0),
+    (SampleRolloutsArguments, {"model_name_or_path": "m", "output_dir": "o"}, "chunk_size", 0),
+    (SampleRolloutsArguments, {"model_name_or_path": "m", "output_dir": "o"}, "num_samples", 0),
+    (SampleRolloutsArguments, {"model_name_or_path": "m", "output_dir": "o"}, "batch_size", -4),
+    (EvalGSM8KArguments, {"model_name_or_path": "m", "output_dir": "o"}, "num_problems", 0),
+    (EvalGSM8KArguments, {"model_name_or_path": "m", "output_dir": "o"}, "batch_size", 0),
+    (EvalLengthPredictionArguments, {"lenvm_path": "l", "eval_rollouts": "e", "output_dir": "o"}, "max_length", 1),
+    (EvalLengthControlArguments, {"policy_path": "p", "lenvm_path": "l", "output_dir": "o"}, "num_problems", 0),
+    (EvalTradeoffArguments, {"policy_path": "p", "lenvm_path": "l", "output_dir": "o"}, "num_samples", 0),
+]
+
+
+@pytest.mark.parametrize(
+    "arguments_class, required, name, value", SIZES, ids=[f"{c.__name__}-{n}" for c, _, n, _ in SIZES]
+)
+def test_sizes_and_counts_below_their_minimum_name_the_flag(arguments_class, required, name, value):
+    with pytest.raises(ValueError, match=f"--{name} must be at least"):
+        arguments_class(**required, **{name: value})
+
+
+def test_lenvm_windows_without_a_completion_token_are_refused():
+    for max_length in (0, 1):  # 0 targets: an untrained LenVM would have been saved
+        with pytest.raises(ValueError, match="--max_length must be at least 2"):
+            LenVMConfig(output_dir="o", max_length=max_length)
+    with pytest.raises(ValueError, match="--max_prompt_length must be at least 1"):
+        LenVMConfig(output_dir="o", max_prompt_length=0)
+
+
+def test_non_finite_sampling_parameters_are_refused():
+    with pytest.raises(ValueError, match="--temperature must be a finite number"):
+        SampleRolloutsArguments(model_name_or_path="m", output_dir="o", temperature=float("nan"))
+    with pytest.raises(ValueError, match="--betas must be finite"):
+        EvalTradeoffArguments(policy_path="p", lenvm_path="l", output_dir="o", betas=[0.0, float("-inf")])

@@ -64,6 +64,16 @@ def test_load_rejects_missing_columns(tmp_path):
         load_gsm8k(str(path))
 
 
+def test_load_refuses_empty_files_and_duplicate_ids(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'train.jsonl'} holds no rows"):  # was a bare StopIteration
+        load_gsm8k(str(tmp_path))
+    rows = [{"id": "a", **ROWS[0]}, {"id": "b", **ROWS[0]}, {"id": "a", **ROWS[0]}]
+    path = write_jsonl(tmp_path / "dup.jsonl", rows)
+    with pytest.raises(ValueError, match=r"1 ids on several rows, e.g. \['a'\]"):  # was blamed on mixed shards later
+        load_gsm8k(str(path))
+
+
 def test_load_unsupported_file(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("question,answer\n1 + 1?,#### 2\n")

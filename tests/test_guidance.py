@@ -416,6 +416,50 @@ def test_config_errors_name_the_flag():
         generate_with_length_guidance(policy, torch.tensor([[2, 3]]), None, None, LengthGuidanceConfig("tilt"))
 
 
+@pytest.mark.parametrize("beta", [math.nan, math.inf, -math.inf])
+def test_non_finite_beta_is_refused(beta):
+    """NaN or infinite tilts give every candidate the same weight: uniform sampling from the top-k, longer text."""
+    with pytest.raises(ValueError, match="--beta must be a finite number"):
+        LengthGuidanceConfig(mode="tilt", beta=beta)
+
+
+def test_bad_temperature_and_stop_ids_are_refused():
+    with pytest.raises(ValueError, match="--temperature must be a finite number >= 0, got nan"):
+        LengthGuidanceConfig(temperature=math.nan)
+    with pytest.raises(ValueError, match="--stop_token_ids must be token ids"):
+        LengthGuidanceConfig(stop_token_ids=[-1])
+    policy, lenvm = make_tiny_causal_lm(vocab_size=SMALL_VOCAB), make_lenvm(vocab_size=SMALL_VOCAB)
+    ids, mask = padded()
+    with pytest.raises(ValueError, match=r"stop_token_ids holds \[1, 99\], outside the policy's vocabulary \[0, 8\)"):
+        generate_with_length_guidance(policy, ids, mask, lenvm, LengthGuidanceConfig(stop_token_ids=[EOS, 99]))
+    policy.generation_config.eos_token_id = 50
+    with pytest.raises(ValueError, match="generation_config.eos_token_id holds \\[50\\]"):
+        generate_with_length_guidance(policy, ids, mask, lenvm, LengthGuidanceConfig())
+
+
+@pytest.mark.parametrize(
+    "target_lengths, message",
+    [
+        (0, r"whole numbers of tokens >= 1 .* got \[0.0, 0.0, 0.0\]"),
+        ([4, -2, 4], r"got \[-2.0\]"),
+        ([4, 2.5, 4], r"got \[2.5\]"),
+        ([4, math.nan, 4], r"got \[nan\]"),
+        ([4, 4], r"one per row, shape \(3,\); got shape \(2,\)"),
+        ([[4], [4], [4]], r"shape \(3,\); got shape \(3, 1\)"),
+    ],
+)
+def test_bad_target_lengths_are_refused(target_lengths, message):
+    policy, lenvm = make_tiny_causal_lm(vocab_size=SMALL_VOCAB), make_lenvm(vocab_size=SMALL_VOCAB)
+    policy.generation_config.eos_token_id = EOS
+    ids, mask = padded()
+    with pytest.raises(ValueError, match=message):
+        generate_with_length_guidance(policy, ids, mask, lenvm, LengthGuidanceConfig("at_most"), target_lengths)
+    out = generate_with_length_guidance(
+        policy, ids, mask, lenvm, LengthGuidanceConfig("at_most", max_new_tokens=4), 3
+    )  # one whole number for every row is fine
+    assert len(out.completion_ids) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Length-control metrics
 

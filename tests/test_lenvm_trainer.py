@@ -100,6 +100,17 @@ def test_tokenize_rollouts_retokenises_text_with_the_lenvm_tokenizer():
         tokenize_rollouts(records, reuse_token_ids=False)
 
 
+def test_tokenize_rollouts_counts_empty_prompts(caplog):
+    records = make_records(num=4).to_list()
+    records[1]["prompt_ids"] = []  # no state s_0 to give a value to
+    with caplog.at_level(logging.WARNING):
+        examples = tokenize_rollouts(Dataset.from_list(records))
+    assert len(examples) == 3
+    assert "3 kept of 4" in caplog.text and "0 empty completions and 1 records with an empty prompt dropped" in (
+        caplog.text
+    )
+
+
 def test_tokenize_rollouts_nothing_left_is_a_clear_error():
     with pytest.raises(ValueError, match="include_truncated"):
         tokenize_rollouts(make_records(num=3, truncated_every=1))

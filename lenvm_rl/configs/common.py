@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-__all__ = ["RunArguments", "null_to_none"]
+__all__ = ["RunArguments", "check_at_least", "null_to_none"]
 
 
 @dataclass(kw_only=True)
@@ -28,6 +28,16 @@ class RunArguments:
     reevaluate: bool = field(
         default=False, metadata={"help": "For a run that already finished in output_dir, run its evaluation again."}
     )
+
+
+def check_at_least(args, minimum: int, *names: str) -> None:
+    """Refuse a size or count below `minimum` with a `ValueError` naming its flag (`None`, where a field allows it,
+    means "all" or "the default" and passes): 0 prompts, rows or chunks would fail later with an error naming
+    neither (`ZeroDivisionError`, `range() arg 3 must not be zero`) or train on nothing."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} must be at least {minimum}, got {value}.")
 
 
 def null_to_none(args, *names: str) -> None:

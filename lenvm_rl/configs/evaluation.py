@@ -1,12 +1,13 @@
 """Script arguments of the policy evaluations: accuracy versus tokens (`eval_gsm8k.py`) and LenVM-guided decoding
 (`eval_length_control.py`, `eval_tradeoff.py`, sharing [`GuidedEvalArguments`])."""
 
+import math
 from dataclasses import dataclass, field, fields
 
 from ..candidates import CONSTRAINT_MODES
 from ..data import DEFAULT_INSTRUCTION
 from ..guidance import CandidateSamplingConfig, GuidanceMode, LengthGuidanceConfig
-from .common import RunArguments
+from .common import RunArguments, check_at_least
 
 GUIDED_EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -69,6 +70,7 @@ class GuidedEvalArguments(RunArguments, CandidateSamplingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_at_least(self, 1, "num_problems", "batch_size", "num_threads")
         if self.dtype not in GUIDED_EVAL_DTYPES:
             raise ValueError(f"--dtype must be one of {GUIDED_EVAL_DTYPES}, got {self.dtype!r}")
 
@@ -150,6 +152,7 @@ class EvalGSM8KArguments(RunArguments):
     )
 
     def __post_init__(self):
+        check_at_least(self, 1, "num_problems", "num_samples", "max_new_tokens", "batch_size", "num_threads")
         if isinstance(self.model_name_or_path, str):
             self.model_name_or_path = [self.model_name_or_path]
         if self.labels is not None and len(self.labels) != len(self.model_name_or_path):
@@ -181,11 +184,12 @@ class EvalLengthControlArguments(GuidedEvalArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_at_least(self, 0, "num_examples")
         unknown = set(self.constraints) - set(CONSTRAINT_MODES)
         if unknown:
             raise ValueError(f"--constraints must be among {CONSTRAINT_MODES}, got {sorted(unknown)}")
         if not self.target_lengths or min(self.target_lengths) < 1:
-            raise ValueError("--target_lengths must be positive token counts")
+            raise ValueError(f"--target_lengths must be positive token counts, got {self.target_lengths}")
         if max(self.target_lengths) >= self.max_new_tokens:
             raise ValueError("--max_new_tokens must exceed the largest target length (At Least needs room)")
 
@@ -219,6 +223,10 @@ class EvalTradeoffArguments(GuidedEvalArguments):
         super().__post_init__()
         if 0.0 not in self.betas:
             raise ValueError("--betas must include 0.0: the token-budget baseline cuts the untilted completions")
+        if not all(math.isfinite(beta) for beta in self.betas):
+            raise ValueError(f"--betas must be finite numbers, got {self.betas}")
+        check_at_least(self, 1, "num_samples")
+        check_at_least(self, 0, "num_examples")
 
 
 @dataclass

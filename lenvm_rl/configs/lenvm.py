@@ -1,10 +1,11 @@
 """Script arguments of the LenVM recipes: sampling rollouts, training, and evaluating / using a LenVM's predictions
 (`sample_rollouts.py`, `train_lenvm.py`, `eval_length_prediction.py`, `predict_length.py`, `length_tokens.py`)."""
 
+import math
 from dataclasses import dataclass, field
 
 from ..data import DEFAULT_INSTRUCTION
-from .common import RunArguments, null_to_none
+from .common import RunArguments, check_at_least, null_to_none
 
 __all__ = [
     "EvalLengthPredictionArguments",
@@ -58,6 +59,10 @@ class SampleRolloutsArguments(RunArguments):
 
     def __post_init__(self):
         null_to_none(self, "system_prompt", "instruction")
+        check_at_least(self, 1, "num_prompts", "num_samples", "max_new_tokens", "batch_size", "chunk_size")
+        check_at_least(self, 0, "top_k")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}.")
 
 
 @dataclass
@@ -111,8 +116,8 @@ class EvalLengthPredictionArguments(RunArguments):
     )
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+        check_at_least(self, 1, "batch_size", "max_prompt_length", "min_completions_per_prompt")
+        check_at_least(self, 2, "max_length")
 
 
 @dataclass
@@ -147,6 +152,7 @@ class PredictLengthArguments:
 
     def __post_init__(self):
         null_to_none(self, "system_prompt", "instruction")
+        check_at_least(self, 1, "batch_size")
         if (self.input_file is None) == (self.eval_rollouts is None):
             raise ValueError("Pass exactly one of --input_file (predict) and --eval_rollouts (evaluate).")
 
@@ -182,3 +188,7 @@ class LengthTokensArguments(RunArguments):
     html_index: int = field(default=0, metadata={"help": "Which analysed completion the HTML page shows."})
     gamma: float | None = field(default=None, metadata={"help": "The LenVM's discount (reference checkpoints)."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per LenVM forward."})
+
+    def __post_init__(self):
+        check_at_least(self, 1, "max_completions", "top_n", "min_count", "batch_size")
+        check_at_least(self, 0, "html_index")

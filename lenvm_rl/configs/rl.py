@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from ..data import DEFAULT_INSTRUCTION
-from .common import RunArguments, null_to_none
+from .common import RunArguments, check_at_least, null_to_none
 
 __all__ = ["AblationArguments", "GRPOScriptArguments", "GSM8KScriptArguments", "PPOScriptArguments"]
 
@@ -42,6 +42,7 @@ class GSM8KScriptArguments(RunArguments):
 
     def __post_init__(self):
         null_to_none(self, "system_prompt", "instruction")
+        check_at_least(self, 1, "max_train_samples")
 
 
 @dataclass
@@ -82,6 +83,11 @@ class PPOScriptArguments(GSM8KScriptArguments):
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Rows decoded together in the evaluation."})
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 0, "num_eval_problems")
+        check_at_least(self, 1, "eval_num_samples", "eval_max_new_tokens", "eval_batch_size")
+
 
 @dataclass
 class GRPOScriptArguments(GSM8KScriptArguments):
@@ -114,6 +120,8 @@ class GRPOScriptArguments(GSM8KScriptArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_at_least(self, 0, "num_eval_problems")
+        check_at_least(self, 1, "eval_batch_size")
         cache, max_length = self.soft_overlong_cache, self.soft_overlong_max_length
         if max_length is not None and cache is None:
             raise ValueError("--soft_overlong_max_length needs --soft_overlong_cache (the punishment's ramp).")
@@ -226,8 +234,7 @@ class AblationArguments:
             raise ValueError(f"--methods {unknown} are not {self.trainer} methods: pick from {list(known)}.")
         if not self.seeds:
             raise ValueError("--seeds must not be empty.")
-        if self.num_parallel < 1:
-            raise ValueError(f"--num_parallel must be at least 1, got {self.num_parallel}.")
+        check_at_least(self, 1, "num_parallel", "max_steps")
         too_short = [length for length in self.overlong_max_lengths if length < 3]
         if too_short:
             raise ValueError(f"--overlong_max_lengths must be >= 3 (a cache of a third of it), got {too_short}.")

@@ -95,6 +95,13 @@ class LenVMConfig(TrainingArguments):
             raise ValueError(f"--gamma must be in (0, 1) or None (percentile rule), got {self.gamma}")
         if not 0 < self.gamma_percentile <= 100:
             raise ValueError(f"--gamma_percentile must be in (0, 100], got {self.gamma_percentile}")
+        # A window of 0 or 1 tokens holds no completion token: the LenVM would train on no target at all.
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(
+                f"--max_length must be at least 2 (a prompt token and a completion token) or None, got {self.max_length}"
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"--max_prompt_length must be at least 1 or None, got {self.max_prompt_length}")
         if self.trainable_layers is not None and self.trainable_layers < 0:
             raise ValueError(
                 f"--trainable_layers must be >= 0 or None (train everything), got {self.trainable_layers}"
