@@ -110,6 +110,13 @@ disable_tqdm: true
         assert not [key for key in handle.keys() if "v_head" in key]  # the policy only
     assert not (output_dir / "value_head.safetensors").exists()
 
+    # Finished: a re-run does nothing; --reevaluate evaluates the saved policy again (the same numbers).
+    stamp = (output_dir / "model.safetensors").stat().st_mtime_ns
+    assert main(*parser.parse_args_and_config(["--config", str(config)])) == (None, results)
+    again = main(*parser.parse_args_and_config(["--config", str(config), "--reevaluate", "true"]))[1]
+    assert again["after"] == results["after"] and again["global_step"] == 2
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
 
 def write_launch_config(path, tiny_world, output_dir, **overrides):
     settings = {

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig, TrlParser
 
+from lenvm_rl.evaluation import evaluate_gsm8k
 from lenvm_rl.modeling import LengthValueModel
 from lenvm_rl.trainers.lenvm_ppo import LenVMPPOConfig, LenVMPPOTrainer
 
@@ -190,6 +191,17 @@ def test_finished_run_with_new_flags_is_a_no_op(tiny_world, full_run, tmp_path, 
     assert "already holds this complete run" in caplog.text and "--reevaluate" in caplog.text
     assert results == json.loads((first_dir / "results.json").read_text())
     assert {p: p.read_bytes() for p in before} == before  # nothing written
+
+    # --reevaluate evaluates the saved policy again: the same numbers, the training record kept.
+    monkeypatch.setattr(ppo_gsm8k, "evaluate_gsm8k", evaluate_gsm8k)
+    again = main(*parse(write_config(tmp_path / "again.yaml", tiny_world, output_dir, reevaluate=True)))
+    assert again["final"] == first["final"] and again["start"] == first["start"] and again["train"] == first["train"]
+    assert policy_weights(output_dir).keys() == policy_weights(first_dir).keys()
+
+    (output_dir / "results.json").write_text((output_dir / "results.json").read_text()[:40])  # truncated
+    with pytest.raises(ValueError, match=rf"{output_dir / 'results.json'} is not valid JSON \(truncated"):
+        main(*parse(write_config(tmp_path / "same.yaml", tiny_world, output_dir)))
+    before = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file() and p.name != ".run.lock"}
 
     changed = write_config(tmp_path / "new.yaml", tiny_world, output_dir, length_coef=0.0, learning_rate=0.1)
     with pytest.raises(ValueError) as error:

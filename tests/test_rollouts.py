@@ -123,6 +123,14 @@ def test_sample_rollouts_recipe(tmp_path, policy):
     assert records[0]["prompt"] == [{"role": "user", "content": "how many apples ? 0"}]
     assert sorted(set(records["prompt_id"])) == ["train-0", "train-1", "train-2"]
 
+    # Finished: a re-run samples nothing; another prompt count is another run.
+    chunks = {p: p.stat().st_mtime_ns for p in (tmp_path / "rollouts").glob("shard-*/chunk-*.jsonl")}
+    main(args)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "rollouts").glob("shard-*/chunk-*.jsonl")} == chunks
+    args.num_prompts = 4
+    with pytest.raises(ValueError, match="script_args.num_prompts: 3 -> 4"):
+        main(args)
+
 
 # ---------------------------------------------------------------------------------------------- resumes that would
 # lose or duplicate records are refused
