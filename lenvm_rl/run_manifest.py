@@ -427,7 +427,7 @@ def start_run(
                 aside = _move_aside(output_dir, job, move_aside)
                 logger.warning("--overwrite_output_dir: moved the previous contents of %s to %s.", output_dir, aside)
             if status != "complete" or reevaluate:
-                _write_start(output_dir, job, config, fingerprints, outputs, fresh=status == "new")
+                _write_start(output_dir, job, config, fingerprints, outputs, status)
         state.wait_for_everyone()
     except BaseException:
         _release(output_dir, lock)
@@ -528,14 +528,16 @@ def _move_aside(output_dir: Path, job: str, names: list[str]) -> Path:
     return aside
 
 
-def _write_start(output_dir: Path, job: str, config: dict, fingerprints: dict, outputs, fresh: bool) -> None:
+def _write_start(output_dir: Path, job: str, config: dict, fingerprints: dict, outputs, status: str) -> None:
     from . import __version__
 
     start = {"time": _now(), "pid": os.getpid(), "host": socket.gethostname(), "lenvm_rl_version": __version__}
+    if status == "complete":
+        start["reevaluate"] = True
 
     def change(manifest):
         entry = manifest["runs"].get(job)
-        if fresh or entry is None:
+        if status == "new" or entry is None:
             entry = manifest["runs"][job] = {"state": "running", "resolved": {}, "starts": []}
         elif entry["starts"] and entry["starts"][-1].get("lenvm_rl_version") != __version__:
             logger.warning(
@@ -544,8 +546,11 @@ def _write_start(output_dir: Path, job: str, config: dict, fingerprints: dict, o
                 entry["starts"][-1].get("lenvm_rl_version"),
                 __version__,
             )
-        # The config of this start: equal to the stored one but for the resumable fields.
-        entry.update(state="running", config=config, inputs=fingerprints, outputs=outputs)
+        # The config of this start: equal to the stored one but for the resumable fields. A re-evaluation leaves a
+        # complete run complete, so that an interrupted one is never taken for unfinished training.
+        entry.update(config=config, inputs=fingerprints, outputs=outputs)
+        if status != "complete":
+            entry["state"] = "running"
         entry["starts"].append(start)
 
     _update_manifest(output_dir, change)
@@ -580,13 +585,14 @@ def _differences(stored: Any, requested: Any, prefix: str) -> list[str]:
 
 
 def _input_differences(stored: dict, requested: dict) -> list[str]:
+    """Inputs whose content differs; a local input moved or copied elsewhere with the same content is the same."""
     lines = []
     for name in sorted(set(stored) | set(requested)):
         before, after = stored.get(name), requested.get(name)
-        if before == after:
+        if _content(before) == _content(after):
             continue
-        if before is None or after is None or before.get("path") != after.get("path"):
-            paths = [None if f is None else f.get("path") for f in (before, after)]
+        paths = [None if f is None else f.get("path") for f in (before, after)]
+        if before is None or after is None or before.get("not_local") or after.get("not_local"):
             lines.append(f"inputs.{name}: {paths[0]} -> {paths[1]}")
             continue
         files_before = before.get("files") or before.get("chunks") or {"": before.get("file")}
@@ -595,8 +601,18 @@ def _input_differences(stored: dict, requested: dict) -> list[str]:
         if before.get("rollouts_layout") != after.get("rollouts_layout"):
             changed.insert(0, "rollouts_layout.json")
         what = ", ".join(name or "its content" for name in changed[:6]) + (" ..." if len(changed) > 6 else "")
-        lines.append(f"inputs.{name}: the files at {after.get('path')} changed since the first start ({what})")
+        where = (
+            f"the files at {paths[1]} changed" if paths[0] == paths[1] else f"{paths[0]} -> {paths[1]}, other files"
+        )
+        lines.append(f"inputs.{name}: {where} ({what})")
     return lines
+
+
+def _content(fingerprint: dict | None) -> dict | None:
+    """What an input fingerprint says about the content: everything but the path, for a local input."""
+    if fingerprint is None or fingerprint.get("not_local"):
+        return fingerprint
+    return {key: value for key, value in fingerprint.items() if key != "path"}
 
 
 def _short(value: Any) -> str:

@@ -216,26 +216,21 @@ def test_changed_config_or_inputs_are_refused_and_overwrite_moves_the_run_aside(
     first_dir, _ = full_run
     output_dir = tmp_path / "run"
     shutil.copytree(first_dir, output_dir)
-    other_lenvm = tmp_path / "lenvm2"
+    other_lenvm = tmp_path / "lenvm2"  # another LenVM: the same files but for the value head
     shutil.copytree(tiny_world / "lenvm", other_lenvm)
+    with safe_open(tiny_world / "lenvm" / "value_head.safetensors", framework="pt") as handle:
+        head = {key: handle.get_tensor(key) + 1.0 for key in handle.keys()}
+    save_file(head, other_lenvm / "value_head.safetensors", metadata={"format": "pt"})
     config = write_config(tmp_path / "ppo.yaml", tiny_world, output_dir, eval_temperature=0.5,
                           lenvm_model_name_or_path=str(other_lenvm))  # fmt: skip
     with pytest.raises(ValueError) as error:
         main(*parse(config))
     message = str(error.value)
     assert "script_args.eval_temperature: null -> 0.5" in message
-    assert f"inputs.lenvm_model_name_or_path: {tiny_world / 'lenvm'} -> {other_lenvm}" in message
-
-    # The same path holding other weights is another input too.
-    with safe_open(tiny_world / "lenvm" / "value_head.safetensors", framework="pt") as handle:
-        head = {key: handle.get_tensor(key) + 1.0 for key in handle.keys()}
-    save_file(head, other_lenvm / "value_head.safetensors", metadata={"format": "pt"})
-    run_manifest = json.loads((output_dir / "run_manifest.json").read_text())
-    run_manifest["runs"]["ppo_gsm8k"]["inputs"]["lenvm_model_name_or_path"]["path"] = str(other_lenvm)
-    (output_dir / "run_manifest.json").write_text(json.dumps(run_manifest))
-    with pytest.raises(ValueError, match=r"inputs.lenvm_model_name_or_path: the files at .* changed .*value_head"):
-        main(*parse(write_config(tmp_path / "ppo.yaml", tiny_world, output_dir,
-                                 lenvm_model_name_or_path=str(other_lenvm))))  # fmt: skip
+    assert (
+        f"inputs.lenvm_model_name_or_path: {tiny_world / 'lenvm'} -> {other_lenvm}, other files "
+        "(value_head.safetensors)" in message
+    )
 
     old_policy = policy_weights(output_dir)
     config = write_config(tmp_path / "ppo.yaml", tiny_world, output_dir, eval_temperature=0.5, num_eval_problems=2,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,12 +71,20 @@ def test_another_config_or_changed_inputs_are_refused_with_every_field(tmp_path,
         start(output_dir, model_dir, learning_rate=0.01)
     message = str(error.value)
     assert "training_args.learning_rate: 0.1 -> 0.01" in message
-    assert (
-        f"inputs.model_name_or_path: the files at {model_dir} changed since the first start (model.safetensors)"
-        in (message)
-    )
+    assert f"inputs.model_name_or_path: the files at {model_dir} changed (model.safetensors)" in message
     assert "a new --output_dir" in message and "--overwrite_output_dir" in message and "nothing is deleted" in message
     assert "logging_steps" not in message
+
+
+def test_an_input_copied_elsewhere_is_the_same_input(tmp_path, model_dir):
+    output_dir = tmp_path / "run"
+    start(output_dir, model_dir).release()
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    start(output_dir, copy).release()  # the same files at another path: the same run
+    (model_dir / "model.safetensors").write_bytes(b"weights-2")
+    with pytest.raises(ValueError, match=rf"inputs.model_name_or_path: {copy} -> {model_dir}, other files "):
+        start(output_dir, model_dir)
 
 
 def test_overwrite_moves_the_old_run_aside(tmp_path, model_dir):
