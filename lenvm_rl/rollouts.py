@@ -29,7 +29,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .generation import generate_completions
-from .io import write_json_atomic, write_jsonl_atomic
+from .io import read_json, write_json_atomic, write_jsonl_atomic
 from .vllm_engine import generate_completions_vllm
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def load_rollouts(path: str | os.PathLike) -> Dataset:
 def _write_or_check_config(output_dir: Path, sampling: SamplingConfig, process_index: int) -> None:
     config_path = output_dir / ROLLOUTS_CONFIG_NAME
     if config_path.exists():
-        stored = json.loads(config_path.read_text())
+        stored = read_json(config_path, fix="restore it, or sample into a new output_dir")
         stored.setdefault("engine", "transformers")  # directories written before the engine was recorded
         if stored != asdict(sampling):
             changed = {k: (stored.get(k), v) for k, v in asdict(sampling).items() if stored.get(k) != v}
@@ -254,7 +254,7 @@ def _write_or_check_layout(output_dir: Path, layout: dict, process_index: int) -
     """Refuse a resume that would change which records exist (chunk k of shard r holds fixed prompts)."""
     path = output_dir / ROLLOUTS_LAYOUT_NAME
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = read_json(path, fix="restore it, or sample into a new output_dir")
         changed = {key: (stored.get(key), value) for key, value in layout.items() if stored.get(key) != value}
         if changed:
             fixes = "; ".join(_LAYOUT_FIXES[key] for key in changed)

@@ -384,7 +384,8 @@ def start_run(
         config (`dict`): The resolved arguments by group, e.g. `{"script_args": ..., "training_args": ...}`:
             dataclasses (`TrainingArguments` through `to_dict()`, which masks tokens) or JSON-ready dicts.
         inputs (`dict`): Every input path by its flag, e.g. `{"model_name_or_path": ...}`; `None` values are skipped.
-            A start whose `output_dir` is one of them is refused, as is moving aside a directory that contains one.
+            A start whose `output_dir` is one of them is refused, as is moving aside a whole directory that contains
+            one.
         overwrite (`bool`): `--overwrite_output_dir`: move a different run (or files of no run) aside instead of
             refusing.
         reevaluate (`bool`): `--reevaluate`: for a complete run, run the evaluation again.
@@ -409,7 +410,7 @@ def start_run(
                 f"--output_dir {output_dir} is also --{name}: a run never writes into its own inputs (its saves would "
                 "replace that model or data). Pass another --output_dir."
             )
-        if overwrite and output_dir.resolve() in Path(path).resolve().parents:
+        if overwrite and outputs is None and output_dir.resolve() in Path(path).resolve().parents:
             raise ValueError(
                 f"--{name} {path} lies inside --output_dir {output_dir}: --overwrite_output_dir would move it aside. "
                 "Pass another --output_dir."

@@ -206,6 +206,11 @@ def _train(args: LenVMScalingArguments, rollouts: Path, lenvm_dir: Path, gamma: 
     script_args, training_args, model_args = parser.parse_args_and_config(["--config", args.lenvm_config, *flags])
     load, start = os.getloadavg(), time.time()
     trainer = train_lenvm.main(script_args, training_args, model_args)
+    if trainer is None:  # its run manifest says it finished: there is no training to summarise
+        raise RuntimeError(
+            f"{lenvm_dir} holds a finished LenVM run but its training summary is missing; delete {lenvm_dir} to train "
+            "it again."
+        )
     seconds = time.time() - start
     history = trainer.state.log_history
     losses = [log["loss"] for log in history if "loss" in log]

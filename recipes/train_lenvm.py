@@ -15,7 +15,6 @@ LenVM on `eval_rollouts` again), and another config or other rollouts are refuse
 old run aside).
 """
 
-import json
 import logging
 import os
 
@@ -24,6 +23,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from lenvm_rl.configs import TrainLenVMScriptArguments
 from lenvm_rl.data import prompt_format_of
+from lenvm_rl.io import read_json
 from lenvm_rl.rollouts import ROLLOUTS_CONFIG_NAME, load_rollouts
 from lenvm_rl.run_manifest import start_run
 from lenvm_rl.trainers.checkpointing import last_complete_checkpoint
@@ -92,7 +92,9 @@ def main(script_args: TrainLenVMScriptArguments, training_args: LenVMConfig, mod
 
 def _generator_model(rollouts_path: str) -> str | None:
     config = os.path.join(rollouts_path, ROLLOUTS_CONFIG_NAME)
-    return json.load(open(config)).get("generator_model") if os.path.isfile(config) else None
+    if not os.path.isfile(config):
+        return None
+    return read_json(config, fix="restore it from the sampling run").get("generator_model")
 
 
 if __name__ == "__main__":
