@@ -112,6 +112,14 @@ RESUMABLE_FIELDS = frozenset(
         "dataloader_pin_memory",
         "ddp_timeout",
         "num_threads",
+        # where a vLLM engine runs and how much memory it may take (not what it samples)
+        "vllm_gpu_memory_utilization",
+        "vllm_enable_sleep_mode",
+        "vllm_server_base_url",
+        "vllm_server_host",
+        "vllm_server_port",
+        "vllm_server_timeout",
+        "vllm_group_port",
     }
 )
 
