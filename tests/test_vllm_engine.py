@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import make_tiny_causal_lm, make_tiny_tokenizer
 from datasets import Dataset
+from test_lenvm_grpo_trainer import make_args as make_grpo_args
+from test_ppo_trainer import make_args, make_dataset, word_count_reward
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as grpo_trainer_module
@@ -22,7 +24,6 @@ from lenvm_rl.generation import generate_completions
 from lenvm_rl.rollouts import SamplingConfig, load_rollouts, sample_rollouts
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.trainers.ppo import PPOTrainer
-from lenvm_rl.trainers.ppo_config import PPOConfig
 from lenvm_rl.vllm_engine import (
     generate_completions_vllm,
     is_vllm_available,
@@ -129,32 +130,8 @@ def test_sample_rollouts_writes_the_same_records_and_resumes(engine, tmp_path, t
 
 
 def make_ppo_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "ppo"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        total_episodes=8,
-        response_length=6,
-        num_ppo_epochs=2,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        use_vllm=True,
-        vllm_max_model_length=128,
-    )
-    return PPOConfig(**{**defaults, **kwargs})
-
-
-def word_count_reward(completions, **kwargs):
-    return [float(len(completion[0]["content"].split())) for completion in completions]
-
-
-def ppo_dataset(num=8):
-    return Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}], "answer": str(2 * i)} for i in range(num)]
-    )
+    """test_ppo_trainer's PPO arguments, sampled by a vLLM engine."""
+    return make_args(tmp_path, **{"response_length": 6, "use_vllm": True, "vllm_max_model_length": 128, **kwargs})
 
 
 def engine_logprobs(generation, token_ids):
@@ -177,7 +154,7 @@ def ppo_trainer(tmp_path_factory, policy_dir, tokenizer):
     """Two PPO updates on vLLM rollouts (the engine is built once per module: an engine start takes seconds)."""
     args = make_ppo_args(tmp_path_factory.mktemp("ppo"))
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
-    trainer = PPOTrainer(args, tokenizer, policy, reward_funcs=[word_count_reward], train_dataset=ppo_dataset())
+    trainer = PPOTrainer(args, tokenizer, policy, reward_funcs=[word_count_reward], train_dataset=make_dataset())
     before = {name: p.detach().clone() for name, p in trainer.model.policy.named_parameters()}
     trainer.train()
     return trainer, before
@@ -240,25 +217,9 @@ def test_importance_weights_enter_the_policy_loss(ppo_trainer, tmp_path):
 
 
 def grpo_args(tmp_path, config_class=LenVMGRPOConfig, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "grpo"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=1,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=128,
-    )
-    return config_class(**{**defaults, **kwargs})
+    """test_lenvm_grpo_trainer's GRPO arguments, one step, with a colocated vLLM engine."""
+    vllm = {"max_steps": 1, "use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 128}
+    return make_grpo_args(tmp_path, config_class, **{**vllm, **kwargs})
 
 
 def test_lenvm_grpo_on_vllm_records_true_lengths_and_the_method_advantages(tmp_path, policy_dir, tokenizer):
@@ -270,7 +231,7 @@ def test_lenvm_grpo_on_vllm_records_true_lengths_and_the_method_advantages(tmp_p
         model=policy_dir,
         reward_funcs=[word_count_reward],
         args=args,
-        train_dataset=ppo_dataset(),
+        train_dataset=make_dataset(),
         processing_class=tokenizer,
         lenvm=lenvm,
         lenvm_processing_class=tokenizer,
@@ -314,10 +275,10 @@ def test_lenvm_grpo_at_coef_zero_on_vllm_is_trls_grpo(tmp_path, policy_dir, toke
     with vllm_generation_class_of(grpo_trainer_module, "float32"):
         plain = GRPOTrainer(model=policy_dir, reward_funcs=[word_count_reward],
                             args=grpo_args(tmp_path / "plain", GRPOConfig, **common),
-                            train_dataset=ppo_dataset(), processing_class=tokenizer)  # fmt: skip
+                            train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
     plain.train()
     lenvm = LenVMGRPOTrainer(model=policy_dir, reward_funcs=[word_count_reward],
-                             args=grpo_args(tmp_path / "lenvm", length_coef=0.0, **common), train_dataset=ppo_dataset(),
+                             args=grpo_args(tmp_path / "lenvm", length_coef=0.0, **common), train_dataset=make_dataset(),
                              processing_class=tokenizer, lenvm=make_lenvm(), lenvm_processing_class=tokenizer)  # fmt: skip
     lenvm.train()
     timing = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")

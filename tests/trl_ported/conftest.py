@@ -19,9 +19,16 @@ directory), and the datasets cache goes to a temporary directory.
 """
 
 import json
+import os
 from pathlib import Path
 
-import datasets
+# TRL's tests name Hub ids; with the Hub offline, an id that is not found in the built folder is an error, never a
+# download. Set here as well as in the top-level conftest, before huggingface_hub and datasets read them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import datasets  # noqa: E402
+import huggingface_hub  # noqa: E402
 import pytest
 import torch
 import torch.nn as nn
@@ -186,5 +193,6 @@ def trl_hub(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def run_from_trl_hub(trl_hub, monkeypatch, tmp_path_factory):
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE, "the Hub must be offline"
     monkeypatch.chdir(trl_hub)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "datasets-cache")
