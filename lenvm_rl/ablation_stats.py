@@ -11,7 +11,9 @@ into:
   removed, each as mean, 95% interval and the seeds' spread;
 - [`tokens_at_accuracy`] / [`matched_accuracy_tokens`]: the mean tokens at which a method's coefficient sweep
   crosses a target accuracy (linear interpolation on its frontier), or "not reached";
-- [`removable_share`]: ``(start - tokens) / (start - floor)``, the share of the removable verbosity removed.
+- [`removable_share`]: ``(start - tokens) / (start - floor)``, the share of the removable verbosity removed;
+- [`prompt_mre_statistics`]: the prompt-boundary MRE of a LenVM and of the length baselines, and the LenVM's paired
+  difference with each, from the per-prompt predictions of ``recipes/eval_length_prediction.py``.
 """
 
 import math
@@ -25,6 +27,7 @@ __all__ = [
     "interval",
     "matched_accuracy_tokens",
     "per_problem_means",
+    "prompt_mre_statistics",
     "removable_share",
     "row_statistics",
     "run_problem_values",
@@ -174,6 +177,70 @@ def removable_share(start_tokens, tokens, floor_tokens):
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(removable > 0, (start - tokens) / np.where(removable > 0, removable, 1.0), np.nan)
     return float(share) if share.ndim == 0 else share
+
+
+# per_prompt column of eval_length_prediction.json -> predictor name (the keys of its prompt_mre)
+PROMPT_PREDICTORS = {
+    "predicted_length": "lenvm",
+    "constant_length": "constant",
+    "regression_length": "prompt_length_regression",
+    "linear_length": "linear_prompt_length",
+}
+
+
+def prompt_mre_statistics(
+    per_prompt_runs: Sequence[Mapping[str, Sequence[float]]],
+    num_resamples: int = 2000,
+    confidence: float = 0.95,
+    rng: np.random.Generator | None = None,
+) -> dict[str, dict]:
+    """Prompt-boundary MRE of the LenVM and of each baseline, and the LenVM's paired difference with each baseline.
+
+    Per held-out prompt ``i`` and predictor ``k`` the relative error is ``e_ki = |L_hat_ki - L_GT_i| / L_GT_i`` and
+    ``MRE_k = mean_i e_ki``. The difference ``d_ki = e_lenvm,i - e_ki`` is resampled with [`hierarchical_bootstrap`]:
+    over the runs (LenVMs trained with other seeds) and the prompts, both predictors of a resample on the same
+    prompts, so a negative interval means the LenVM beats that baseline on these prompts. With one run only the
+    prompts are resampled.
+
+    Args:
+        per_prompt_runs (`Sequence[Mapping]`): The ``per_prompt`` dict of each run's `eval_length_prediction.json`
+            (``true_length`` and the predicted-length columns of `PROMPT_PREDICTORS`), on the same prompts.
+        num_resamples, confidence, rng: Of [`hierarchical_bootstrap`] and [`interval`].
+
+    Returns:
+        `dict`: ``mre`` ``{predictor: interval}`` and ``lenvm_minus`` ``{baseline: interval}`` (negative: the LenVM
+        errs less), for the predictors every run has.
+
+    Example:
+        >>> run = {"true_length": [100, 200], "predicted_length": [110, 180], "constant_length": [150, 150]}
+        >>> stats = prompt_mre_statistics([run], num_resamples=200)
+        >>> round(stats["mre"]["lenvm"]["mean"], 3), round(stats["lenvm_minus"]["constant"]["mean"], 3)
+        (0.1, -0.275)
+    """
+    if not per_prompt_runs:
+        raise ValueError("Need at least one evaluation.")
+    columns = [column for column in PROMPT_PREDICTORS if all(column in run for run in per_prompt_runs)]
+    if "predicted_length" not in columns:
+        raise ValueError("Every evaluation needs the LenVM's per-prompt `predicted_length`.")
+    errors = []
+    for run in per_prompt_runs:
+        true = np.asarray(run["true_length"], dtype=np.float64)
+        if true.size == 0 or np.any(~np.isfinite(true)) or np.any(true <= 0):
+            raise ValueError("`true_length` must hold positive lengths, one per prompt.")
+        per_run = {PROMPT_PREDICTORS[c]: np.abs(np.asarray(run[c], dtype=np.float64) - true) / true for c in columns}
+        for name in [PROMPT_PREDICTORS[c] for c in columns[1:]]:
+            per_run[f"lenvm_minus_{name}"] = per_run["lenvm"] - per_run[name]
+        errors.append(per_run)
+    samples = hierarchical_bootstrap(errors, num_resamples, rng)
+    stats = {
+        key: interval(float(np.mean([run[key].mean() for run in errors])), samples[key], confidence)
+        for key in errors[0]
+    }
+    baselines = [PROMPT_PREDICTORS[c] for c in columns[1:]]
+    return {
+        "mre": {name: stats[name] for name in ("lenvm", *baselines)},
+        "lenvm_minus": {name: stats[f"lenvm_minus_{name}"] for name in baselines},
+    }
 
 
 def row_statistics(

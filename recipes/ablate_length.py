@@ -32,6 +32,7 @@ advantage against the other tokens' per update, for the rows without a LenVM).
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,8 @@ def _command(args: AblationArguments, flags: list[str], seed: int, run_dir: Path
     command += ["--output_dir", str(run_dir), "--seed", str(seed), *flags]
     if args.max_steps is not None:
         command += _max_steps_flags(args)
+    if args.recipe_flags:
+        command += shlex.split(args.recipe_flags)
     return command
 
 

@@ -29,10 +29,12 @@ Layout of `output_dir`::
     scaling.json, scaling.png      every subset's numbers, and MRE / value MSE versus completions
 
 Resumable: a subset whose `eval_length_prediction.json` exists is not run again, and a complete LenVM directory is
-evaluated without retraining. Runs one job at a time, in-process.
+evaluated without retraining, both only if the subset was trained on the same records, gamma and configs (its
+`train_summary.json` records them; another run's subset is refused, never silently mixed into the curve). Runs one job at a time, in-process.
 """
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +48,7 @@ import torch
 import yaml
 from trl import ModelConfig, TrlParser
 
+from lenvm_rl.ablation_stats import format_interval, prompt_mre_statistics
 from lenvm_rl.configs import EvalLengthPredictionArguments, TrainLenVMScriptArguments
 from lenvm_rl.core import gamma_for_length
 from lenvm_rl.io import write_json_atomic, write_jsonl_atomic
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 RESULTS_NAME = "scaling"  # scaling.json and scaling.png
 EVAL_NAME = eval_length_prediction.RESULTS_NAME + ".json"
 TRAIN_SUMMARY_NAME = "train_summary.json"
+BOOTSTRAP_RESAMPLES = 5000
 MRE_KEYS = {  # prompt_mre key -> label in the table and the figure
     "lenvm": "LenVM",
     "constant": "constant",
@@ -251,18 +255,58 @@ def _evaluate(args: LenVMScalingArguments, rollouts: Path, lenvm_dir: Path, out:
     }
 
 
+def subset_identity(args: LenVMScalingArguments, records: list[dict], gamma: float) -> dict:
+    """What a finished subset must share with the run that reuses it: its training records, gamma, both configs'
+    settings (parsed, so comments may change) and the held-out rollouts override."""
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "records_sha256": digest([(r["prompt_id"], r["completion_ids"], r["finish_reason"]) for r in records]),
+        "gamma": gamma,
+        "lenvm_config_sha256": digest(yaml.safe_load(Path(args.lenvm_config).read_text())),
+        "eval_config_sha256": digest(yaml.safe_load(Path(args.eval_config).read_text())),
+        "eval_rollouts": args.eval_rollouts,
+    }
+
+
+def check_subset_identity(out: Path, identity: dict) -> None:
+    """Refuse to reuse a subset directory trained or evaluated under other data, gamma or configs."""
+    summary_path = out / TRAIN_SUMMARY_NAME
+    stored = json.loads(summary_path.read_text()).get("identity") if summary_path.is_file() else None
+    if stored is None:
+        raise ValueError(
+            f"{out} holds results without the record of what they were trained on ({summary_path} has no "
+            "'identity'), so they cannot be reused safely: move it aside or pass another --output_dir."
+        )
+    differing = sorted(key for key in identity if stored.get(key) != identity[key])
+    if differing:
+        raise ValueError(
+            f"{out} was trained and evaluated with other {', '.join(differing)} than this run asks for; its numbers "
+            "would not be comparable. Move it aside, pass another --output_dir, or run with the settings it used "
+            f"({ {key: stored.get(key) for key in differing} })."
+        )
+
+
 def run_subset(args: LenVMScalingArguments, dataset, rollouts_dir: Path, num_completions: int, gamma: float) -> None:
-    """Train and evaluate one subset unless its evaluation exists; a complete LenVM is not retrained."""
+    """Train and evaluate one subset unless its evaluation exists; a complete LenVM is not retrained. A subset
+    finished before is reused only under the same training records, gamma and configs."""
     out = subset_dir(args.output_dir, num_completions)
+    indices = first_prompts(dataset["prompt_id"], num_completions)
+    records = dataset.select(indices).to_list()
+    identity = subset_identity(args, records, gamma)
+    lenvm_dir = out / "lenvm"
+    summary_path = out / TRAIN_SUMMARY_NAME
+    if (out / EVAL_NAME).is_file() or summary_path.is_file():
+        check_subset_identity(out, identity)
     if (out / EVAL_NAME).is_file():
         logger.warning("n=%d: %s exists, skipped.", num_completions, out / EVAL_NAME)
         return
-    indices = first_prompts(dataset["prompt_id"], num_completions)
-    rollouts = write_subset(dataset.select(indices).to_list(), rollouts_dir, out / "rollouts")
-    lenvm_dir = out / "lenvm"
-    summary_path = out / TRAIN_SUMMARY_NAME
+    rollouts = write_subset(records, rollouts_dir, out / "rollouts")
     if not (lenvm_is_complete(lenvm_dir) and summary_path.is_file()):
         summary = _train(args, rollouts, lenvm_dir, gamma)
+        summary["identity"] = identity
         summary["num_completions"] = num_completions
         summary["num_prompts"] = len(set(dataset.select(indices)["prompt_id"]))
         write_json_atomic(summary_path, summary)
@@ -294,6 +338,8 @@ def collect(args: LenVMScalingArguments, gamma: float | None) -> dict:
                 "num_train_finished": (results.get("baselines") or {}).get("num_train_completions"),
                 "gamma": results["gamma"],
                 "prompt_mre": results["prompt_mre"],
+                # the LenVM's MRE and its paired difference with each baseline, prompts resampled
+                "prompt_mre_intervals": prompt_mre_statistics([results["per_prompt"]], BOOTSTRAP_RESAMPLES),
                 "value_mse": results["value_mse"],
                 "relative_length_error": results["relative_length_error"],
                 "relative_length_error_remaining_baseline": results["relative_length_error_remaining_baseline"],
@@ -305,11 +351,15 @@ def collect(args: LenVMScalingArguments, gamma: float | None) -> dict:
                 "eval": summary.get("eval"),
             }
         )
+    gammas = sorted({row["gamma"] for row in rows})
+    if len(gammas) > 1:  # value MSEs at different gammas are not one curve
+        raise ValueError(f"The finished subsets of {args.output_dir} were trained with different gammas: {gammas}.")
     return {"args": asdict(args), "gamma": gamma, "rows": rows, "pending": pending}
 
 
 def format_table(result: dict) -> str:
-    """A Markdown table: one row per subset."""
+    """Markdown tables, one row per subset: the MREs, value MSE and remaining-length errors, then the LenVM's paired
+    differences with the baselines (95% bootstrap intervals over held-out prompts)."""
     header = ["completions", "prompts", *MRE_KEYS.values(), "value MSE", "rel. err 25/50/75% (mean-remaining)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in result["rows"]:
@@ -321,6 +371,13 @@ def format_table(result: dict) -> str:
         mse = "n/a" if row["value_mse"] is None else f"{row['value_mse']:.4f}"
         cells = [str(row["num_completions"]), str(row["num_prompts"]), *mre, mse, positions]
         lines.append("| " + " | ".join(cells) + " |")
+    baselines = [key for key in MRE_KEYS if key != "lenvm"]
+    header = ["completions", *(f"LenVM minus {MRE_KEYS[key]}" for key in baselines)]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in result["rows"]:
+        differences = (row.get("prompt_mre_intervals") or {}).get("lenvm_minus", {})
+        cells = [format_interval(differences.get(key), ".1f", percent=True) or "n/a" for key in baselines]
+        lines.append("| " + " | ".join([str(row["num_completions"]), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -348,6 +405,11 @@ def plot_scaling(result: dict, path: str | os.PathLike) -> None:
         if any(v is not None for v in values):
             style, width = styles[key]
             mre_axis.plot(sizes, [math.nan if v is None else 100 * v for v in values], style, lw=width, label=label)
+    lenvm_intervals = [(row.get("prompt_mre_intervals") or {}).get("mre", {}).get("lenvm") for row in rows]
+    if all(stat and stat["ci_low"] is not None for stat in lenvm_intervals):
+        low = [100 * stat["ci_low"] for stat in lenvm_intervals]
+        high = [100 * stat["ci_high"] for stat in lenvm_intervals]
+        mre_axis.fill_between(sizes, low, high, alpha=0.15, color="C0", label="LenVM 95% interval (prompts)")
     mre_axis.set(
         xscale="log",
         xlabel="training completions (whole prompts)",

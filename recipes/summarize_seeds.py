@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 from trl import TrlParser
 
-from lenvm_rl.ablation_stats import format_interval, hierarchical_bootstrap, interval, per_problem_means
+from lenvm_rl.ablation_stats import (
+    PROMPT_PREDICTORS,
+    format_interval,
+    hierarchical_bootstrap,
+    interval,
+    per_problem_means,
+    prompt_mre_statistics,
+)
 from lenvm_rl.configs import SeedSummaryArguments
 from lenvm_rl.io import write_json_atomic, write_text_atomic
 from lenvm_rl.length_metrics import length_score
@@ -43,12 +50,6 @@ RESULTS_NAME = "inference_seeds"
 PER_RUN_ARGS = ("seed", "output_dir", "num_threads", "batch_size", "num_examples")
 # eval_length_prediction.py has no seed of its own: its runs differ by the LenVM (trained with another seed).
 LENGTH_PREDICTION_PER_RUN_ARGS = ("lenvm_path", "output_dir", "batch_size")
-PREDICTORS = {  # per_prompt list of eval_length_prediction.json -> name in prompt_mre
-    "predicted_length": "lenvm",
-    "constant_length": "constant",
-    "regression_length": "prompt_length_regression",
-    "linear_length": "linear_prompt_length",
-}
 
 
 def load_seed_runs(
@@ -78,24 +79,13 @@ def length_prediction_summary(runs: list[dict], num_resamples: int) -> dict:
     """Prompt-boundary MRE of the LenVM and the baselines, the LenVM's paired difference with the prompt-length
     regression (mean and interval over LenVM seeds and prompts), and the remaining-length errors (mean and range)."""
     prompt_ids = runs[0]["per_prompt"]["prompt_id"]
-    per_run = []
     for run in runs:
         if run["per_prompt"]["prompt_id"] != prompt_ids:
             raise ValueError(
                 f"{run['args']['lenvm_path']} was evaluated on other held-out prompts than the first LenVM."
             )
-        true = np.asarray(run["per_prompt"]["true_length"], dtype=np.float64)
-        errors = {
-            name: np.abs(np.asarray(run["per_prompt"][key], dtype=np.float64) - true) / true
-            for key, name in PREDICTORS.items()
-        }
-        errors["lenvm_minus_regression"] = errors["lenvm"] - errors["prompt_length_regression"]
-        per_run.append(errors)
-    samples = hierarchical_bootstrap(per_run, num_resamples)
-    mre = {
-        name: interval(float(np.mean([errors[name].mean() for errors in per_run])), samples[name])
-        for name in per_run[0]
-    }
+    stats = prompt_mre_statistics([run["per_prompt"] for run in runs], num_resamples)
+    mre = {**stats["mre"], "lenvm_minus_regression": stats["lenvm_minus"]["prompt_length_regression"]}
     remaining = {}
     for position in runs[0]["relative_length_error"]:
         values = [run["relative_length_error"][position] for run in runs]
@@ -223,7 +213,7 @@ def format_markdown(results: dict) -> str:
             "| predictor | prompt-boundary MRE |",
             "|---|---|",
         ]
-        for name in (*PREDICTORS.values(), "lenvm_minus_regression"):
+        for name in (*PROMPT_PREDICTORS.values(), "lenvm_minus_regression"):
             lines.append(f"| {name} | {format_interval(prediction['prompt_mre'][name], percent=True)} |")
         lines += [
             "",
@@ -294,7 +284,7 @@ def plot(results: dict, path: Path) -> None:
 
     for axis, panel in zip(axes, panels):
         if panel == "prediction":
-            names = list(PREDICTORS.values())
+            names = list(PROMPT_PREDICTORS.values())
             values = [
                 {k: 100 * v if v is not None else None for k, v in prediction["prompt_mre"][n].items()} for n in names
             ]

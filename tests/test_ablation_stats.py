@@ -12,6 +12,7 @@ from lenvm_rl.ablation_stats import (
     interval,
     matched_accuracy_tokens,
     per_problem_means,
+    prompt_mre_statistics,
     removable_share,
     row_statistics,
     run_problem_values,
@@ -193,3 +194,42 @@ def test_format_interval():
     assert format_interval(stat, "+.0f", percent=True) == "+50% [+40%, +60%]"
     assert format_interval(interval(3.0, np.array([np.nan]))) == "3.0"
     assert format_interval(None) == ""
+
+
+def test_prompt_mre_statistics_hand_computed_and_paired():
+    true = np.array([100.0, 200.0, 50.0, 400.0])
+    # The LenVM and the constant err together prompt by prompt: the difference is a constant 0.05 on every prompt, so
+    # a paired interval has zero width while each MRE's own interval is wide.
+    lenvm = true * (1 + np.array([0.1, 0.5, 0.2, 0.9]))
+    constant = true * (1 + np.array([0.15, 0.55, 0.25, 0.95]))
+    run = {"true_length": true, "predicted_length": lenvm, "constant_length": constant}
+    stats = prompt_mre_statistics([run], num_resamples=500)
+    assert stats["mre"]["lenvm"]["mean"] == pytest.approx(0.425)
+    assert stats["mre"]["constant"]["mean"] == pytest.approx(0.475)
+    assert stats["mre"]["lenvm"]["ci_high"] - stats["mre"]["lenvm"]["ci_low"] > 0.2
+    difference = stats["lenvm_minus"]["constant"]
+    assert difference["mean"] == pytest.approx(-0.05)
+    assert difference["ci_low"] == pytest.approx(-0.05) and difference["ci_high"] == pytest.approx(-0.05)
+    assert set(stats["lenvm_minus"]) == {"constant"}  # only the baselines every run has
+
+
+def test_prompt_mre_statistics_over_two_lenvms_averages_them():
+    true = [100.0, 200.0]
+    runs = [
+        {"true_length": true, "predicted_length": [110.0, 220.0], "regression_length": [100.0, 260.0]},
+        {"true_length": true, "predicted_length": [130.0, 260.0], "regression_length": [100.0, 260.0]},
+    ]
+    stats = prompt_mre_statistics(runs, num_resamples=200)
+    assert stats["mre"]["lenvm"]["mean"] == pytest.approx((0.1 + 0.3) / 2)
+    assert stats["lenvm_minus"]["prompt_length_regression"]["mean"] == pytest.approx(0.2 - 0.15)
+
+
+@pytest.mark.parametrize("true", [[], [100.0, 0.0], [100.0, float("nan")]])
+def test_prompt_mre_statistics_refuses_lengths_it_cannot_divide_by(true):
+    with pytest.raises(ValueError, match="positive lengths"):
+        prompt_mre_statistics([{"true_length": true, "predicted_length": [1.0] * len(true)}])
+
+
+def test_prompt_mre_statistics_needs_the_lenvm_column():
+    with pytest.raises(ValueError, match="predicted_length"):
+        prompt_mre_statistics([{"true_length": [100.0], "constant_length": [90.0]}])

@@ -108,8 +108,26 @@ def test_lenvm_windows_without_a_completion_token_are_refused():
         LenVMConfig(output_dir="o", max_prompt_length=0)
 
 
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("top_p", 0.0, "--top_p must be in"),
+        ("top_p", 1.5, "--top_p must be in"),
+        ("vllm_gpu_memory_utilization", 0.0, "--vllm_gpu_memory_utilization must be in"),
+        ("vllm_gpu_memory_utilization", 1.2, "--vllm_gpu_memory_utilization must be in"),
+        ("vllm_tensor_parallel_size", 0, "--vllm_tensor_parallel_size must be at least 1"),
+        ("vllm_max_model_length", 1024, "--vllm_max_model_length \\(1024\\) must exceed --max_new_tokens"),
+    ],
+)
+def test_sampler_engine_settings_out_of_range_are_refused_before_an_engine_starts(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        SampleRolloutsArguments(model_name_or_path="m", output_dir="o", max_new_tokens=1024, **{name: value})
+
+
 def test_non_finite_sampling_parameters_are_refused():
     with pytest.raises(ValueError, match="--temperature must be a finite number"):
         SampleRolloutsArguments(model_name_or_path="m", output_dir="o", temperature=float("nan"))
+    with pytest.raises(ValueError, match="--top_p must be in"):
+        SampleRolloutsArguments(model_name_or_path="m", output_dir="o", top_p=float("nan"))
     with pytest.raises(ValueError, match="--betas must be finite"):
         EvalTradeoffArguments(policy_path="p", lenvm_path="l", output_dir="o", betas=[0.0, float("-inf")])

@@ -259,6 +259,16 @@ def test_max_steps_sets_the_updates_of_ppo_and_grpo_runs(tmp_path):
     assert grpo[grpo.index("--max_steps") + 1] == "100" and "--total_episodes" not in grpo
 
 
+def test_recipe_flags_reach_every_run_after_the_base_config(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("per_device_train_batch_size: 2\n")
+    command = _command(
+        ablation_args(base_config=str(base), recipe_flags="--use_vllm false"), ["--x", "1"], 3, tmp_path
+    )
+    assert command[-2:] == ["--use_vllm", "false"] and command.index("--config") < command.index("--use_vllm")
+    assert "--use_vllm" not in _command(ablation_args(base_config=str(base)), [], 3, tmp_path)
+
+
 def fake_evaluation(num_wrong: int, tokens: int, num_problems: int = 6) -> dict:
     """Two completions per problem; the last `num_wrong` problems are answered wrong, every completion has `tokens`."""
     correct = [problem < num_problems - num_wrong for problem in range(num_problems) for _ in range(2)]

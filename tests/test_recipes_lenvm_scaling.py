@@ -142,6 +142,10 @@ def test_table_and_plot_render_missing_numbers(tmp_path):
     table = format_table(result)
     assert table.splitlines()[2].startswith("| 256 | 32 | 25.0% | 30.0% | 28.0% | n/a | 0.0500 | 20.0% / n/a / 30.0%")
     assert "(40.0% / 45.0% / 60.0%)" in table and "| 512 | 64 | 20.0% |" in table
+    assert "| 256 | n/a | n/a | n/a |" in table  # rows without intervals (older scaling.json) still render
+    interval = {"mean": -0.05, "ci_low": -0.09, "ci_high": -0.01}
+    result["rows"][1]["prompt_mre_intervals"] = {"mre": {}, "lenvm_minus": {"constant": interval}}
+    assert "| 512 | -5.0% [-9.0%, -1.0%] | n/a | n/a |" in format_table(result)
     plot_scaling(result, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
@@ -188,6 +192,15 @@ def test_scaling_recipe_end_to_end_and_resumes(tiny_world, monkeypatch, capsys):
         assert r["gamma"] == pytest.approx(expected_gamma)
         assert set(r["prompt_mre"]) == set(lenvm_scaling.MRE_KEYS)
         assert r["num_eval_prompts"] == 3 and r["train"]["global_steps"] >= 1
+        # The intervals are those of the subset's own evaluation: the same MREs, paired differences with each baseline.
+        intervals = r["prompt_mre_intervals"]
+        for key, value in r["prompt_mre"].items():
+            if value is not None:
+                assert intervals["mre"][key]["mean"] == pytest.approx(value)
+        for key in ("constant", "prompt_length_regression"):
+            difference = intervals["lenvm_minus"][key]
+            assert difference["mean"] == pytest.approx(r["prompt_mre"]["lenvm"] - r["prompt_mre"][key])
+            assert difference["ci_low"] <= difference["mean"] <= difference["ci_high"]
     # The small subset is the first two prompts, and its baselines were fitted on it alone.
     assert sorted(set(load_rollouts(out / "n6" / "rollouts")["prompt_id"])) == ["p-0", "p-1"]
     finished_6 = sum(r["finish_reason"] == "stop" for r in records.select(range(6)))
@@ -215,6 +228,47 @@ def test_scaling_recipe_end_to_end_and_resumes(tiny_world, monkeypatch, capsys):
     monkeypatch.setattr(lenvm_scaling, "load_rollouts", refuse)
     only = main(LenVMScalingArguments(**{**vars(args), "collect_only": True}))
     assert [r["num_completions"] for r in only["rows"]] == [6] and only["gamma"] == pytest.approx(expected_gamma)
+    monkeypatch.undo()
+
+    # A finished subset is never reused under another gamma, other training records or another config ...
+    with pytest.raises(ValueError, match="other gamma than this run"):
+        main(LenVMScalingArguments(**{**vars(args), "num_completions": [6], "gamma": 0.5}))
+    lenvm_text = lenvm_config.read_text()
+    lenvm_config.write_text(lenvm_text + "learning_rate: 0.5\n")
+    same = {**vars(args), "num_completions": [6], "gamma": expected_gamma}
+    with pytest.raises(ValueError, match="other lenvm_config_sha256 than"):
+        main(LenVMScalingArguments(**same))
+    lenvm_config.write_text(lenvm_text + "# a comment changes nothing\n")
+    assert main(LenVMScalingArguments(**same))["rows"][0] == result["rows"][0]
+    # ... nor without the record of what it was trained on.
+    summary = json.loads((out / "n6" / "train_summary.json").read_text())
+    del summary["identity"]
+    (out / "n6" / "train_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="without the record of what they were trained on"):
+        main(LenVMScalingArguments(**same))
+
+
+def test_subsets_of_two_gammas_are_not_one_curve(tmp_path):
+    for n, gamma in ((6, 0.9), (18, 0.95)):
+        (tmp_path / f"n{n}").mkdir()
+        evaluation = {
+            "gamma": gamma,
+            "prompt_mre": {"lenvm": 0.3},
+            "per_prompt": {"true_length": [10.0], "predicted_length": [12.0]},
+            "value_mse": 0.1,
+            "relative_length_error": {},
+            "relative_length_error_remaining_baseline": {},
+            "mean_true_length": 10.0,
+            "mean_predicted_length": 12.0,
+            "num_prompts": 1,
+            "num_completions": 1,
+        }
+        (tmp_path / f"n{n}" / "eval_length_prediction.json").write_text(json.dumps(evaluation))
+    args = LenVMScalingArguments(
+        lenvm_config="l.yaml", eval_config="e.yaml", output_dir=str(tmp_path), num_completions=[6, 18]
+    )
+    with pytest.raises(ValueError, match="different gammas"):
+        lenvm_scaling.collect(args, None)
 
 
 def test_impossible_sizes_fail_before_training(tiny_world, monkeypatch):

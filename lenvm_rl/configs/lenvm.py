@@ -63,6 +63,19 @@ class SampleRolloutsArguments(RunArguments):
         check_at_least(self, 0, "top_k")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:  # NaN fails too; top_p 0 would keep no token in vLLM and every token here
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}.")
+        # the engine settings are checked before an engine starts (a minute on a CPU) rather than by vLLM after it
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}."
+            )
+        check_at_least(self, 1, "vllm_tensor_parallel_size")
+        if self.vllm_max_model_length is not None and self.vllm_max_model_length <= self.max_new_tokens:
+            raise ValueError(
+                f"--vllm_max_model_length ({self.vllm_max_model_length}) must exceed --max_new_tokens "
+                f"({self.max_new_tokens}): the engine's context holds the prompt and the completion."
+            )
 
 
 @dataclass

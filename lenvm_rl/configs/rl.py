@@ -163,6 +163,8 @@ class AblationArguments:
         world_dir (`str` or `None`): The demo world (`outputs/demo/world`) the base config evaluates on: adds the
             share of removable verbosity removed, against its most concise reference style.
         max_steps (`int` or `None`): Updates of every run (PPO: `total_episodes` = this x rollouts per update).
+        recipe_flags (`str` or `None`): Flags appended to every run's command after the base config's (quoted, e.g.
+            `"--use_vllm false"`): one base config, two settings that are not a length method.
         num_parallel (`int`): Runs at once (one CPU thread each).
         collect_only (`bool`): Launch nothing; summarise the runs finished so far.
     """
@@ -219,6 +221,10 @@ class AblationArguments:
     )
     max_steps: int | None = field(
         default=None, metadata={"help": "Updates of every run (PPO: total_episodes = this x rollouts per update)."}
+    )
+    recipe_flags: str | None = field(
+        default=None,
+        metadata={"help": 'Flags appended to every run\'s command, quoted (e.g. "--use_vllm false").'},
     )
     num_parallel: int = field(default=2, metadata={"help": "Runs at once (one CPU thread each)."})
     collect_only: bool = field(default=False, metadata={"help": "Launch nothing; summarise the runs finished so far."})
