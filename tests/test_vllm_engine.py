@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from lenvm_rl.generation import generate_completions
+from lenvm_rl.head_padding import pad_head_dim
 from lenvm_rl.rollouts import SamplingConfig, load_rollouts, sample_rollouts
 from lenvm_rl.trainers.lenvm_grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.trainers.ppo import PPOTrainer
@@ -93,6 +94,26 @@ def test_greedy_completions_equal_the_builtin_samplers(engine, policy_dir, token
     assert [c.finish_reason for c in from_engine] == [c.finish_reason for c in builtin]
     assert builtin[0].finish_reason == "stop" and len(builtin[0].completion_ids) <= 3
     assert [c.prompt_ids for c in from_engine] == [c.prompt_ids for c in builtin]
+
+
+def test_a_head_size_vllm_cannot_run_is_padded_and_samples_as_the_original(tmp_path, tokenizer):
+    """The demo policy's shape (hidden 96, 4 heads of 24: no CPU kernel) padded to heads of 32: vLLM's greedy
+    completions equal the built-in sampler's on the original, unpadded model."""
+    model = make_tiny_causal_lm("llama", hidden_size=96, seed=7)
+    model.config.head_dim = 24
+    model.config.initializer_range = 0.3  # weights large enough that greedy decoding depends on the prompt
+    torch.manual_seed(7)
+    model = type(model)(model.config).eval()  # re-initialised with explicit heads of 24, as the demo policy
+    padded_dir = tmp_path / "padded"
+    pad_head_dim(model, 32).save_pretrained(padded_dir)
+    tokenizer.save_pretrained(padded_dir)
+    prompts = list(make_prompts()["prompt"])
+    kwargs = dict(num_samples=1, max_new_tokens=24, temperature=0.0)
+    builtin = generate_completions(model, tokenizer, prompts, batch_size=4, **kwargs)
+    padded_engine = make_vllm_engine(str(padded_dir), dtype="float32", max_model_len=128)
+    from_engine = generate_completions_vllm(padded_engine, tokenizer, prompts, **kwargs)
+    assert [c.completion_ids for c in from_engine] == [c.completion_ids for c in builtin]
+    assert len({tuple(c.completion_ids) for c in builtin}) > 1  # the prompts lead to different completions
 
 
 def test_sample_rollouts_writes_the_same_records_and_resumes(engine, tmp_path, tokenizer):
