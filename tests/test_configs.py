@@ -33,6 +33,7 @@ RECIPES = {
     "grpo_": (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig),
     "ppo_": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),
     "demo.yaml": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),  # the offline demo world's PPO run
+    "demo_vllm.yaml": (PPOScriptArguments, LenVMPPOConfig, ModelConfig),  # the same with vLLM rollouts
     "length_control_": (EvalLengthControlArguments,),
     "tradeoff_": (EvalTradeoffArguments,),
     "sft_": (SFTScriptArguments, SFTConfig, ModelConfig),
